@@ -1,0 +1,221 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Shared kernel-side helpers of every tfo-agent collector:
+ *  - the process/container filter verdict, cached per task in task-local storage;
+ *  - sampling, expressed as a per-event weight (1/100 of an event) so that userspace
+ *    divides by 100 and gets an estimate scaled back to 100%;
+ *  - log2 histograms (bucket s holds 2^(s-1) < v <= 2^s, so le=2^s exactly).
+ */
+#ifndef TFO_BPF_H
+#define TFO_BPF_H
+
+#include "vmlinux.h"
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+#define TFO_COMM_LEN 16
+#define TFO_HIST_SLOTS 40
+#define TFO_CGROUP_DEPTH 16
+#define TFO_MAX_SUBSYS 16
+#define TFO_FILTER_INCLUDE 1
+#define TFO_FILTER_EXCLUDE 2
+#define TFO_UNIT 100 /* weight of one event at 100% sampling */
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Written by userspace through the mmap'ed .data map; read on every event. */
+struct tfo_cfg {
+	__u32 gen;          /* bumped by userspace whenever a filter changes */
+	__u32 sample_rate;  /* percent, 1..100 */
+	__u32 weight;       /* TFO_UNIT * 100 / sample_rate */
+	__u32 has_process_filter;
+	__u32 has_container_filter;
+};
+volatile struct tfo_cfg tfo_cfg SEC(".data.tfo_cfg") = {
+	.gen = 1, .sample_rate = 100, .weight = TFO_UNIT,
+};
+/* Bumped in the kernel when a task changes cgroup; read by userspace as a self-check. */
+volatile __u32 tfo_kgen = 0;
+/* Events that could not be recorded because a map was full. */
+volatile __u64 tfo_map_full = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, char[TFO_COMM_LEN]);
+	__type(value, __u8);
+} tfo_comm_filter SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, __u8);
+} tfo_cgroup_filter SEC(".maps");
+
+struct tfo_task {
+	__u64 gen;      /* (userspace gen << 32) | kernel gen the verdict was computed at */
+	__u64 ts;       /* collector scratch: start time of the operation in flight */
+	__u32 verdict;  /* 1 = this task is observed */
+	__u32 aux;      /* collector scratch: e.g. the syscall number in flight */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct tfo_task);
+} tfo_tasks SEC(".maps");
+
+static __always_inline __u64 tfo_gen(void)
+{
+	return ((__u64)tfo_cfg.gen << 32) | tfo_kgen;
+}
+
+static __always_inline bool tfo_cgroup_matches(struct cgroup *cg)
+{
+	for (int d = 0; d < TFO_CGROUP_DEPTH && cg; d++) {
+		__u64 id = BPF_CORE_READ(cg, kn, id);
+		if (bpf_map_lookup_elem(&tfo_cgroup_filter, &id))
+			return true;
+		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
+	}
+	return false;
+}
+
+/* Is the task in one of the filtered containers, on the v2 tree or any v1 hierarchy? */
+static __always_inline bool tfo_in_container(struct task_struct *task)
+{
+	struct css_set *cset = BPF_CORE_READ(task, cgroups);
+	int n = bpf_core_field_size(cset->subsys) / sizeof(void *);
+
+	if (tfo_cgroup_matches(BPF_CORE_READ(cset, dfl_cgrp)))
+		return true;
+	for (int i = 0; i < TFO_MAX_SUBSYS; i++) {
+		struct cgroup_subsys_state *css = NULL;
+		if (i >= n)
+			break;
+		bpf_core_read(&css, sizeof(css), &cset->subsys[i]);
+		if (css && tfo_cgroup_matches(BPF_CORE_READ(css, cgroup)))
+			return true;
+	}
+	return false;
+}
+
+static __noinline __u32 tfo_compute_verdict(struct task_struct *task)
+{
+	char comm[TFO_COMM_LEN] = {};
+	__u8 *mark;
+
+	/* Filters name processes: use the thread group leader's name. */
+	BPF_CORE_READ_INTO(&comm, task, group_leader, comm);
+	mark = bpf_map_lookup_elem(&tfo_comm_filter, &comm);
+	if (mark && (*mark & TFO_FILTER_EXCLUDE))
+		return 0;
+	if (tfo_cfg.has_process_filter && !(mark && (*mark & TFO_FILTER_INCLUDE)))
+		return 0;
+	if (tfo_cfg.has_container_filter && !tfo_in_container(task))
+		return 0;
+	return 1;
+}
+
+/* The task's storage if the task passes the filters, else NULL. Creates the storage. */
+static __always_inline struct tfo_task *tfo_task_observed(struct task_struct *task)
+{
+	struct tfo_task *t = bpf_task_storage_get(&tfo_tasks, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	__u64 gen;
+
+	if (!t)
+		return NULL;
+	gen = tfo_gen();
+	if (t->gen != gen) {
+		t->verdict = tfo_compute_verdict(task);
+		t->gen = gen;
+	}
+	return t->verdict ? t : NULL;
+}
+
+/* Sampling decision for one event: true if it is recorded. */
+static __always_inline bool tfo_sampled(void)
+{
+	__u32 rate = tfo_cfg.sample_rate;
+	return rate >= 100 || bpf_get_prandom_u32() % 100 < rate;
+}
+
+static __always_inline __u32 tfo_weight(void)
+{
+	return tfo_cfg.weight;
+}
+
+/* Bucket index: smallest s with v <= 2^s, clamped to the last slot. */
+static __always_inline __u32 tfo_slot(__u64 v)
+{
+	__u32 s = 0;
+
+	if (v <= 1)
+		return 0;
+	v -= 1;
+	if (v >> 32) { v >>= 32; s += 32; }
+	if (v >> 16) { v >>= 16; s += 16; }
+	if (v >> 8) { v >>= 8; s += 8; }
+	if (v >> 4) { v >>= 4; s += 4; }
+	if (v >> 2) { v >>= 2; s += 2; }
+	if (v >> 1) { s += 1; }
+	s += 1;
+	return s < TFO_HIST_SLOTS ? s : TFO_HIST_SLOTS - 1;
+}
+
+struct tfo_hist {
+	__u64 slots[TFO_HIST_SLOTS]; /* weighted counts */
+	__u64 sum;                   /* weighted sum of values */
+};
+
+static __always_inline void tfo_hist_add(struct tfo_hist *h, __u64 v, __u32 w)
+{
+	h->slots[tfo_slot(v)] += w;
+	h->sum += v * w;
+}
+
+static __always_inline void tfo_count_map_full(void)
+{
+	__sync_fetch_and_add(&tfo_map_full, 1);
+}
+
+/* Add w to a per-CPU u64 counter in a hash map, creating the key when needed. */
+static __always_inline void tfo_counter_add(void *map, const void *key, __u64 w)
+{
+	__u64 *v = bpf_map_lookup_elem(map, key);
+
+	if (v) {
+		*v += w;
+		return;
+	}
+	if (bpf_map_update_elem(map, key, &w, BPF_NOEXIST)) {
+		v = bpf_map_lookup_elem(map, key);
+		if (v)
+			*v += w;
+		else
+			tfo_count_map_full();
+	}
+}
+
+/* Filter cache invalidation, shared by every collector object: a task that renames itself
+ * (exec, prctl) recomputes its verdict; any cgroup move makes every task recompute once. */
+static __always_inline void tfo_on_rename(void)
+{
+	struct tfo_task *t = bpf_task_storage_get(&tfo_tasks, bpf_get_current_task_btf(), 0, 0);
+	if (t)
+		t->gen = 0;
+}
+
+#define TFO_FILTER_PROGRAMS                                             \
+	SEC("raw_tp/task_rename")                                       \
+	int raw_task_rename(void *ctx) { tfo_on_rename(); return 0; }   \
+	SEC("tracepoint/task/task_rename")                              \
+	int tp_task_rename(void *ctx) { tfo_on_rename(); return 0; }    \
+	SEC("raw_tp/cgroup_attach_task")                                \
+	int raw_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; } \
+	SEC("tracepoint/cgroup/cgroup_attach_task")                     \
+	int tp_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; }
+
+#endif /* TFO_BPF_H */

@@ -90,8 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from agent.collectors import CollectorError
+    from agent.collectors.catalog import COLLECTORS
     from agent.filters import Filters
-    from agent.manager import COLLECTORS, unavailable_features
+    from agent.manager import unavailable_features
 
     cfg = _load(args.config)
     ebpf = cfg.ebpf
@@ -143,8 +144,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    from agent.collectors.catalog import COLLECTORS
     from agent.filters import Filters
-    from agent.manager import COLLECTORS
 
     cfg = _load(args.config)
     for cls in COLLECTORS:

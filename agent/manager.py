@@ -10,14 +10,13 @@ from typing import Optional
 
 from agent import __version__, host
 from agent.collectors import BpfCollector, CollectorError
-from agent.collectors.syscalls import SyscallsCollector
+from agent.collectors.catalog import COLLECTORS
 from agent.config import Config
 from agent.filters import Filters
 from agent.registry import Kind, MetricFamily, Registry
 
 log = logging.getLogger(__name__)
 
-COLLECTORS: tuple[type[BpfCollector], ...] = (SyscallsCollector,)
 RESCAN_SECONDS = 2.0
 
 

@@ -1,0 +1,48 @@
+# tfo-agent: the two commands of the README are `make run` and `make test`.
+# Both set up what they need on a fresh Debian 12 host (Debian packages, a virtualenv, BPF objects).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp
+APT_PACKAGES := $(shell grep -v '^\#' apt-packages.txt)
+
+.PHONY: setup apt venv bpf protos run test lint bench package clean
+
+setup: apt venv bpf protos
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[hubble,otlp]' -r requirements-dev.txt
+	touch $@
+
+venv: $(STAMP)
+
+bpf: apt
+	$(MAKE) -s -C bpf
+
+protos: venv
+	$(PY) -m agent.hubble.build_protos
+
+run: setup
+	$(VENV)/bin/tfo-agent run -c config/dev.yaml
+
+test: setup
+	$(VENV)/bin/ruff check agent tests bench
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff format --check agent tests bench
+
+clean:
+	$(MAKE) -C bpf clean
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,176 @@
+"""Shared test harness: run the real agent as a subprocess, scrape it, build C workloads.
+
+Everything here is real: the agent loads its BPF objects into this kernel, and tests compare
+what it exports with what they made happen.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+BPF_DIR = ROOT / "bpf"
+SHARED = ROOT.parent / "shared"
+BPFFS = Path("/sys/fs/bpf")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> Series:
+    """Exposition text -> {(sample name, labels): value}."""
+    out: Series = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+class Agent:
+    """A running ``tfo-agent run`` with its own config, port and pin path."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        self.port = free_port()
+        self.pin_path = str(BPFFS / f"tfo-test-{uuid.uuid4().hex[:12]}")
+        base = {
+            "integrations": {
+                "ebpf": {
+                    "programs_path": str(BPF_DIR),
+                    "pin_path": self.pin_path,
+                    "collect_network": False,
+                    "collect_file_io": False,
+                    "collect_tcp_events": False,
+                }
+            },
+            "exporters": {"prometheus": {"listen_address": f"127.0.0.1:{self.port}"}},
+        }
+        self.config = deep_merge(base, config)
+        self.pin_path = self.config["integrations"]["ebpf"]["pin_path"]
+        self.config_path = workdir / f"agent-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = workdir / f"agent-{self.port}.log"
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def start(self, timeout: float = 20.0) -> Agent:
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}: {self.log()}")
+            try:
+                self.scrape_text()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"agent did not serve metrics in {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def scrape_text(self) -> str:
+        with urllib.request.urlopen(self.url, timeout=10) as r:
+            return r.read().decode()
+
+    def scrape(self) -> Series:
+        return parse_metrics(self.scrape_text())
+
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's value (0 when the series does not exist yet)."""
+        return self.scrape().get((name, frozenset(labels.items())), 0.0)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def remove_pins(self) -> None:
+        shutil.rmtree(self.pin_path, ignore_errors=True)
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
+    """``agent_factory(config_overrides, start=True)`` -> a running Agent, stopped and unpinned after."""
+    agents: list[Agent] = []
+
+    def make(config: Optional[dict[str, Any]] = None, start: bool = True) -> Agent:
+        a = Agent(config or {}, tmp_path)
+        agents.append(a)
+        return a.start() if start else a
+
+    yield make
+    for a in agents:
+        a.stop()
+        a.remove_pins()
+
+
+@pytest.fixture(scope="session")
+def build_c(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
+    """``build_c(name, source)`` -> path of the compiled workload (gcc -O2)."""
+    out = tmp_path_factory.mktemp("bin")
+
+    def build(name: str, source: str) -> Path:
+        src = out / f"{name}.c"
+        exe = out / name
+        src.write_text(source)
+        subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True)
+        return exe
+
+    return build
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.1) -> bool:
+    """Poll until ``predicate()`` is true; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() != 0:
+        pytest.exit("the suite loads BPF programs and needs root", returncode=2)

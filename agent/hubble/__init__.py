@@ -1,0 +1,218 @@
+"""Cilium Hubble integration: flows from Hubble Relay (or a node's hubble.sock) into hubble_* metrics.
+
+``HubbleIntegration`` is a registry source: ``start()`` launches the reader (gRPC stream) and the
+aggregator thread, ``collect()`` returns the hubble_* families as of the last closed
+``aggregation_window`` plus live ``tfo_agent_hubble_*`` self-metrics. See README.md here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any, Optional
+
+from agent.config import CiliumConfig, ConfigError
+from agent.registry import Kind, MetricFamily
+
+log = logging.getLogger(__name__)
+
+KEY = "integrations.ebpf.cilium"
+ENDPOINT_ACTIVE_SECONDS = 300.0  # an endpoint seen in a flow this recently counts in hubble_endpoint_*
+
+
+def resolve_node_name(cfg: CiliumConfig) -> tuple[str, str]:
+    """(node name, where it came from): ``node_name`` config, else ``NODE_NAME`` env, else host name."""
+    if cfg.node_name:
+        return cfg.node_name, "config"
+    env = os.environ.get("NODE_NAME", "").strip()
+    if env:
+        return env, "env"
+    return socket.gethostname(), "hostname"
+
+
+def _read(key: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        why = "missing" if not os.path.exists(path) else f"not readable ({exc.strerror})"
+        raise ConfigError(f"{KEY}.{key}: expected a readable file, found {path!r} ({why})") from None
+
+
+def channel_security(cfg: CiliumConfig) -> tuple[Optional[Any], list[tuple[str, str]]]:
+    """gRPC credentials and options for ``hubble_address``; raises ConfigError on unusable TLS files.
+
+    ``unix://`` addresses (the node's own hubble.sock) are always plaintext, as Cilium serves them.
+    """
+    import grpc
+
+    if cfg.hubble_address.startswith("unix://") or not cfg.hubble_tls_enabled:
+        return None, []
+    ca = _read("hubble_tls_ca", cfg.hubble_tls_ca) if cfg.hubble_tls_ca else None
+    cert = key = None
+    if cfg.hubble_tls_cert or cfg.hubble_tls_key:
+        cert = _read("hubble_tls_cert", cfg.hubble_tls_cert)
+        key = _read("hubble_tls_key", cfg.hubble_tls_key)
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    options = [("grpc.ssl_target_name_override", cfg.hubble_tls_server_name)] if cfg.hubble_tls_server_name else []
+    return creds, options
+
+
+class HubbleIntegration:
+    """Registry source for the Cilium Hubble integration."""
+
+    name = "hubble"
+
+    def __init__(self, cfg: CiliumConfig) -> None:
+        from agent.hubble.aggregator import Aggregator, Groups, namespace_rule
+        from agent.hubble.client import FlowStream
+
+        self.cfg = cfg
+        self.node_name, self.node_source = resolve_node_name(cfg)
+        self.unix = cfg.hubble_address.startswith("unix://")
+        credentials, options = channel_security(cfg)
+        groups = Groups(
+            flows=cfg.collect_flows,
+            l7=cfg.collect_l7_flows,
+            drops=cfg.collect_drops,
+            policies=cfg.collect_policies,
+            services=cfg.collect_services,
+            node_label=cfg.flow_scope == "cluster",
+        )
+        self.aggregator = Aggregator(
+            groups,
+            namespace_rule(cfg.watch_namespaces, cfg.exclude_namespaces),
+            scale=cfg.flow_sample_rate,
+            max_series=cfg.max_series_per_metric,
+        )
+        self.aggregator.endpoint_windows = max(1, math.ceil(ENDPOINT_ACTIVE_SECONDS / cfg.aggregation_window))
+        self.queue: deque = deque()
+        node_filter = self.node_name if cfg.flow_scope == "node" and not self.unix else None
+        self.stream = FlowStream(
+            cfg.hubble_address,
+            credentials,
+            options,
+            node_filter,
+            self.queue,
+            cfg.flow_buffer_size,
+            cfg.flow_sample_rate,
+            cfg.max_flows_per_second,
+            lambda: self.aggregator.high_water_ns,
+        )
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Start the reader and aggregator threads; returns at once."""
+        if self.cfg.kubernetes_enabled:
+            log.info(
+                "hubble: kubernetes_enabled: Kubernetes API enrichment is not available yet; labels come from flows"
+            )
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._aggregate, name="hubble-aggregator", daemon=True)
+        self._thread.start()
+        self.stream.start()
+
+    def stop(self) -> None:
+        """Stop both threads (the pending window is published first)."""
+        self.stream.stop()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _aggregate(self) -> None:
+        from agent.hubble.client import RECONNECT
+
+        window = self.cfg.aggregation_window
+        deadline = time.monotonic() + window
+        q, agg = self.queue, self.aggregator
+        pop, add = q.popleft, agg.add
+        while True:
+            stopping = self._stop.is_set()
+            drained = 0
+            while drained < 4096:
+                try:
+                    item = pop()
+                except IndexError:
+                    break
+                drained += 1
+                if item is RECONNECT:
+                    agg.begin_resume()
+                else:
+                    add(item)
+            now = time.monotonic()
+            if now >= deadline or stopping:
+                agg.publish()
+                deadline = max(deadline + window, now)
+            if stopping:
+                return
+            if not drained:
+                self._stop.wait(min(0.01, max(0.0, deadline - now)))
+
+    def status(self) -> tuple[bool, str]:
+        """(ready, reason): ready once connected to the relay."""
+        st = self.stream.stats
+        if st.connected:
+            return True, f"streaming flows from {self.cfg.hubble_address}"
+        return False, f"not connected to {self.cfg.hubble_address}: {st.last_error}"
+
+    def collect(self) -> list[MetricFamily]:
+        """hubble_* families (last closed window) and tfo_agent_hubble_* self-metrics (live)."""
+        return self.aggregator.families() + self._self_metrics()
+
+    def _self_metrics(self) -> list[MetricFamily]:
+        st, agg = self.stream.stats, self.aggregator.stats
+        out = []
+
+        def one(name: str, kind: Kind, help_text: str, value: float) -> None:
+            out.append(MetricFamily(f"tfo_agent_hubble_{name}", kind, help_text))
+            out[-1].add((), value)
+
+        def per(name: str, label: str, help_text: str, values: dict[str, Any]) -> None:
+            fam = MetricFamily(f"tfo_agent_hubble_{name}", Kind.COUNTER, help_text, (label,))
+            for k, v in sorted(values.items()):
+                fam.add((k,), v)
+            out.append(fam)
+
+        c, g = Kind.COUNTER, Kind.GAUGE
+        one("connected", g, "1 while a GetFlows stream to the relay is open", float(st.connected))
+        one("messages_received", c, "GetFlows messages received from the relay", st.received)
+        one("flows_sampled_out", c, "Flows skipped by flow_sample_rate", st.sampled_out)
+        one("flows_rate_limited", c, "Flows dropped by the max_flows_per_second token bucket", st.rate_limited)
+        one("buffer_overflow", c, "Flows dropped because flow_buffer_size was full", st.buffer_overflow)
+        one("buffer_used", g, "Messages waiting between reader and aggregator", len(self.queue))
+        one("reconnects", c, "Reconnections to the relay", st.reconnects)
+        one(
+            "flows_processed",
+            c,
+            "Flows aggregated into hubble_* metrics (before sampling scale-up)",
+            agg.flows_processed,
+        )
+        one("flows_filtered", c, "Flows skipped by watch_namespaces / exclude_namespaces", agg.flows_filtered)
+        one("flows_duplicate", c, "Flows re-sent after a reconnect and skipped (already counted)", agg.flows_duplicate)
+        one("decode_errors", c, "Messages that could not be decoded and were skipped", agg.decode_errors)
+        one("windows", c, "Aggregation windows published", agg.windows)
+        per("lost_events", "source", "Events the relay reported lost (lost_events notices)", agg.lost_events)
+        per("node_status_events", "state", "Node status notices from the relay", agg.node_status)
+        per(
+            "series_overflow",
+            "metric",
+            "Flow counts folded into the __overflow__ series by the cap",
+            agg.series_overflow,
+        )
+        for key, value in sorted(st.server_status.items()):
+            one(f"relay_{key}", g, f"Hubble ServerStatus {key} at the last connect", value)
+        info = MetricFamily(
+            "tfo_agent_hubble_node_info",
+            g,
+            "Node name this agent uses and where it came from",
+            ("node", "source", "scope"),
+        )
+        info.add((self.node_name, self.node_source, self.cfg.flow_scope), 1)
+        out.append(info)
+        return out

@@ -1,0 +1,256 @@
+"""The Hubble Relay client: one GetFlows stream, reconnects, sampling, rate limit, bounded buffer.
+
+The reader thread does as little as possible per message: it keeps the raw bytes (no decode),
+applies ``flow_sample_rate`` and the ``max_flows_per_second`` token bucket to flow messages and
+appends them to a bounded deque; the aggregator thread drains it. Nothing here blocks the stream:
+sampled-out, rate-limited and overflowing flows are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import grpc
+import grpc.experimental
+from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from agent.hubble.proto import GET_FLOWS, SERVER_STATUS, flow_pb2, observer_pb2
+
+log = logging.getLogger(__name__)
+
+RECONNECT = object()  # queued between streams: the aggregator starts its duplicate check there
+# Flow fields the metrics read; sent as GetFlowsRequest.field_mask so the relay trims the rest.
+FIELD_MASK = (
+    "time",
+    "verdict",
+    "drop_reason",
+    "drop_reason_desc",
+    "IP",
+    "l4",
+    "source.namespace",
+    "source.pod_name",
+    "source.identity",
+    "source.workloads",
+    "destination.namespace",
+    "destination.pod_name",
+    "destination.identity",
+    "destination.workloads",
+    "Type",
+    "node_name",
+    "l7.type",
+    "l7.latency_ns",
+    "l7.dns.rcode",
+    "l7.dns.qtypes",
+    "l7.http.code",
+    "l7.http.method",
+    "l7.http.url",
+    "l7.http.protocol",
+    "l7.http.headers",
+    "l7.kafka",
+    "reply",
+    "is_reply",
+    "event_type",
+    "source_service",
+    "destination_service",
+    "traffic_direction",
+    "policy_match_type",
+)
+_FLOW_TAG = b"\n"  # field 1 (flow), length-delimited: how a flow GetFlowsResponse starts on the wire
+
+
+@dataclass
+class Backoff:
+    """Exponential reconnect backoff with full jitter."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before reconnect attempt ``attempt`` (0-based)."""
+        cap = min(self.maximum, self.initial * self.factor**attempt)
+        return random.uniform(cap / 2, cap)
+
+
+@dataclass
+class StreamStats:
+    """Reader-side counters (self-metrics)."""
+
+    received: int = 0
+    sampled_out: int = 0
+    rate_limited: int = 0
+    buffer_overflow: int = 0
+    reconnects: int = 0
+    connected: bool = False
+    last_error: str = "not connected yet"
+    server_status: dict[str, float] = field(default_factory=dict)
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most a tenth of a second's worth banked; starts empty."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate / 10)
+        self.tokens = 0.0
+        self.last = time.monotonic()
+
+    def take(self) -> bool:
+        """One token if available."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class FlowStream:
+    """Owns the channel and the reader thread feeding ``queue``."""
+
+    def __init__(
+        self,
+        target: str,
+        credentials: Optional[grpc.ChannelCredentials],
+        options: list[tuple[str, Any]],
+        node_filter: Optional[str],
+        queue: deque,
+        capacity: int,
+        sample_rate: int,
+        max_per_second: int,
+        resume_ns: Any,
+    ) -> None:
+        self.target = target
+        self.credentials = credentials
+        self.options = [*options, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+        self.node_filter = node_filter
+        self.queue = queue
+        self.capacity = capacity
+        self.sample_rate = sample_rate
+        self.bucket = TokenBucket(max_per_second)
+        self.resume_ns = resume_ns  # callable -> the aggregator's high-water flow time (ns)
+        self.backoff = Backoff()
+        self.stats = StreamStats()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._channel: Optional[grpc.Channel] = None
+        self._call: Any = None
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Start the reader thread (returns at once)."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="hubble-reader", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel the stream and join the reader."""
+        self._stop.set()
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()
+            if self._channel is not None:
+                self._channel.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def request(self) -> observer_pb2.GetFlowsRequest:
+        """The GetFlows request for the next stream: follow, node filter, resume point, field mask."""
+        req = observer_pb2.GetFlowsRequest(follow=True, field_mask=FieldMask(paths=FIELD_MASK))
+        if self.node_filter:
+            req.whitelist.append(flow_pb2.FlowFilter(node_name=[self.node_filter]))
+        since = self.resume_ns()
+        if since:
+            req.since.CopyFrom(Timestamp(seconds=since // 1_000_000_000, nanos=since % 1_000_000_000))
+        return req
+
+    def _open(self) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(self.target, options=self.options)
+        return grpc.secure_channel(self.target, self.credentials, options=self.options)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            channel = self._open()
+            with self._lock:
+                self._channel = channel
+            try:
+                self._server_status(channel)
+                got = self._stream(channel)
+                attempt = 0 if got else attempt + 1
+                self.stats.last_error = "stream ended by the relay"
+            except grpc.RpcError as exc:
+                attempt += 1
+                code = exc.code() if hasattr(exc, "code") else None
+                self.stats.last_error = f"{code.name if code else 'error'}: {exc.details() if code else exc}"
+            finally:
+                self.stats.connected = False
+                channel.close()
+            if self._stop.is_set():
+                break
+            self.stats.reconnects += 1
+            delay = self.backoff.delay(attempt)
+            log.info("hubble: %s; reconnecting in %.2fs", self.stats.last_error, delay)
+            self._stop.wait(delay)
+
+    def _server_status(self, channel: grpc.Channel) -> None:
+        call = channel.unary_unary(
+            SERVER_STATUS,
+            request_serializer=observer_pb2.ServerStatusRequest.SerializeToString,
+            response_deserializer=observer_pb2.ServerStatusResponse.FromString,
+        )
+        try:
+            st = call(observer_pb2.ServerStatusRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # reachability and TLS fail here
+                raise
+            return
+        status = {"num_flows": st.num_flows, "max_flows": st.max_flows, "seen_flows": st.seen_flows}
+        if st.HasField("num_connected_nodes"):
+            status["connected_nodes"] = st.num_connected_nodes.value
+        if st.HasField("num_unavailable_nodes"):
+            status["unavailable_nodes"] = st.num_unavailable_nodes.value
+        self.stats.server_status = status
+
+    def _stream(self, channel: grpc.Channel) -> bool:
+        """Read one GetFlows stream to its end; True when it delivered anything."""
+        call = channel.unary_stream(
+            GET_FLOWS, request_serializer=observer_pb2.GetFlowsRequest.SerializeToString, response_deserializer=None
+        )(self.request())
+        with self._lock:
+            self._call = call
+        if self._stop.is_set():
+            call.cancel()
+        q, cap, st = self.queue, self.capacity, self.stats
+        q.append(RECONNECT)
+        st.connected = True
+        st.last_error = ""
+        sample = self.sample_rate
+        p = 1.0 / sample
+        rnd = random.random
+        take = self.bucket.take
+        got = False
+        for raw in call:
+            got = True
+            st.received += 1
+            if raw[:1] == _FLOW_TAG:
+                if sample > 1 and rnd() >= p:
+                    st.sampled_out += 1
+                    continue
+                if not take():
+                    st.rate_limited += 1
+                    continue
+            if len(q) >= cap:
+                st.buffer_overflow += 1
+                continue
+            q.append(raw)
+        return got

@@ -41,9 +41,9 @@ class SyscallsCollector(BpfCollector):
         assert self.obj is not None
         count = MetricFamily("ebpf_syscall_count", Kind.COUNTER, "Syscalls completed, by syscall.", ("syscall",))
         latency = MetricFamily(
-            "ebpf_syscall_latency_ns",
+            "ebpf_syscall_latency_seconds",
             Kind.HISTOGRAM,
-            "Syscall latency from entry to exit, in ns.",
+            "Syscall latency from entry to exit (log2 buckets of ns, in seconds).",
             ("syscall",),
         )
         errors = MetricFamily(

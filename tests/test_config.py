@@ -1,0 +1,163 @@
+"""Configuration: seed defaults, env expansion, and one clear line with exit 2 for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_empty_file_is_the_seed_defaults() -> None:
+    cfg = config.parse("", "empty.yaml")
+    e = cfg.ebpf
+    assert (e.enabled, e.programs_path, e.pin_path, e.scrape_interval) == (
+        True,
+        "/var/lib/tfo-agent/ebpf",
+        "/sys/fs/bpf/tfo-agent",
+        15.0,
+    )
+    assert (
+        e.collect_syscalls,
+        e.collect_network,
+        e.collect_file_io,
+        e.collect_scheduler,
+        e.collect_memory,
+        e.collect_tcp_events,
+        e.collect_dns,
+        e.collect_http,
+    ) == (True, True, True, False, False, True, False, False)
+    assert e.exclude_processes == ("tfo-agent", "systemd") and e.process_filter == ()
+    assert (e.sample_rate, e.ring_buffer_size, e.perf_buffer_size, e.max_stack_depth) == (100, 65536, 8192, 20)
+    assert e.btf_custom_path is None
+    c = e.cilium
+    assert c.hubble_address == "hubble-relay.kube-system.svc:4245" and c.hubble_tls_enabled
+    assert c.exclude_namespaces == ("kube-system", "cilium") and c.aggregation_window == 10.0
+    assert (c.flow_buffer_size, c.flow_sample_rate, c.max_flows_per_second) == (4096, 1, 10000)
+    assert cfg.exporters.prometheus.listen_address == "0.0.0.0:9435"
+
+
+def test_env_expansion_and_durations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TFO_PIN", "/sys/fs/bpf/x")
+    text = (
+        "integrations:\n  ebpf:\n    pin_path: ${TFO_PIN}\n    programs_path: ${TFO_UNSET:-/opt/bpf}\n"
+        "    scrape_interval: 1500ms\n    cilium:\n      aggregation_window: 2m\n"
+    )
+    cfg = config.parse(text)
+    assert (cfg.ebpf.pin_path, cfg.ebpf.programs_path, cfg.ebpf.scrape_interval) == ("/sys/fs/bpf/x", "/opt/bpf", 1.5)
+    assert cfg.ebpf.cilium.aggregation_window == 120.0
+
+
+E = "integrations:\n  ebpf:\n"
+BAD = [
+    (
+        "unknown-key",
+        E + "    sample_rat: 50\n",
+        ":3: integrations.ebpf.sample_rat: expected 'sample_rate' (did you mean it?)",
+    ),
+    ("unknown-top", "integration: {}\n", "integration: expected 'integrations' (did you mean it?)"),
+    ("unknown-no-hint", E + "    frobnicate: 1\n", "expected one of btf_path, cilium"),
+    (
+        "rate-high",
+        E + "    sample_rate: 101\n",
+        "integrations.ebpf.sample_rate: expected an integer 1 to 100, found 101",
+    ),
+    ("rate-zero", E + "    sample_rate: 0\n", "expected an integer 1 to 100, found 0"),
+    ("rate-type", E + "    sample_rate: half\n", "sample_rate: expected an integer, found half"),
+    ("ringbuf", E + "    ring_buffer_size: 100000\n", "ring_buffer_size: expected a power of two"),
+    ("perf-negative", E + "    perf_buffer_size: -1\n", "perf_buffer_size: expected an integer at least 1, found -1"),
+    ("duration", E + "    scrape_interval: 15 seconds\n", "scrape_interval: expected a duration like 500ms, 15s"),
+    ("duration-zero", E + "    scrape_interval: 0s\n", "scrape_interval: expected a value greater than 0"),
+    ("bool", E + "    collect_syscalls: yes please\n", "collect_syscalls: expected true or false, found yes please"),
+    ("list", E + "    process_filter: nginx\n", "process_filter: expected a list of strings, found nginx"),
+    (
+        "address",
+        "exporters:\n  prometheus:\n    listen_address: localhost\n",
+        "exporters.prometheus.listen_address: expected an address host:port",
+    ),
+    (
+        "port",
+        "exporters:\n  prometheus:\n    listen_address: 0.0.0.0:70000\n",
+        "with a port 1-65535, found '0.0.0.0:70000'",
+    ),
+    (
+        "choice",
+        "exporters:\n  otlp:\n    protocol: udp\n",
+        "exporters.otlp.protocol: expected one of grpc, http/protobuf",
+    ),
+    (
+        "tls-missing",
+        E + "    cilium:\n      enabled: true\n      hubble_tls_ca: /nonexistent/ca.crt\n",
+        ":5: integrations.ebpf.cilium.hubble_tls_ca: expected a readable file, found '/nonexistent/ca.crt' (missing)",
+    ),
+    (
+        "btf-missing",
+        E + "    btf_path: /nonexistent/vmlinux.btf\n",
+        "integrations.ebpf.btf_path: expected a readable file",
+    ),
+    (
+        "env-unset",
+        E + "    pin_path: ${TFO_SURELY_UNSET_VAR}\n",
+        "expected environment variable TFO_SURELY_UNSET_VAR to be set",
+    ),
+    ("not-mapping", "integrations: [1, 2]\n", ":1: integrations: expected a mapping, found a list"),
+    ("yaml", "integrations:\n  ebpf: [\n", "not valid YAML"),
+    (
+        "duplicate",
+        E + "    sample_rate: 10\n    sample_rate: 20\n",
+        ":4: integrations.ebpf.sample_rate: expected each key once",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    for args in (("config", "validate", str(path)), ("run", "-c", str(path)), ("check", "-c", str(path))):
+        out = cli(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stdout == ""
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+        assert str(path) in lines[0] and fragment in lines[0], lines[0]
+
+
+def test_missing_config_file_and_bad_flag() -> None:
+    out = cli("config", "validate", "/nonexistent/tfo.yaml")
+    assert (
+        out.returncode == 2
+        and out.stderr.strip() == "tfo-agent: config error: /nonexistent/tfo.yaml: config file not found"
+    )
+    out = cli("run", "--bogus")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "--bogus" in out.stderr
+
+
+def test_check_passes_here_and_reports_unavailable_features(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(f"integrations:\n  ebpf:\n    programs_path: {ROOT / 'bpf'}\n    namespace_filter: [default]\n")
+    out = cli("check", "-c", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[OK  ] collector syscalls: attaches via raw_tp" in out.stdout
+    assert "[WARN] namespace_filter: enabled but not available" in out.stdout
+
+
+def test_check_fails_with_remedy_when_a_collector_cannot_load(tmp_path: Path) -> None:
+    path = tmp_path / "nobpf.yaml"
+    path.write_text(f"integrations:\n  ebpf:\n    programs_path: {tmp_path}\n")
+    out = cli("check", "-c", str(path), "--json")
+    assert out.returncode == 1
+    report = json.loads(out.stdout)
+    failing = [c for c in report["checks"] if not c["ok"]]
+    assert [c["name"] for c in failing] == ["collector syscalls"]
+    assert "not found" in failing[0]["found"] and "kernel version compatibility" in failing[0]["remedy"]

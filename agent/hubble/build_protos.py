@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 PROTO_DIR = HERE / "protos"
 OUT_DIR = HERE / "proto_gen"
 PACKAGES = ("flow", "relay", "observer")
-_IMPORT_RE = re.compile(r"^from (%s) import " % "|".join(PACKAGES), re.MULTILINE)
+_IMPORT_RE = re.compile(r"^from ({}) import ".format("|".join(PACKAGES)), re.MULTILINE)
 
 
 def build(out_dir: Path = OUT_DIR) -> None:

@@ -48,11 +48,12 @@ class Record:
 
 
 def to_records(messages: Sequence[observer_pb2.GetFlowsResponse]) -> list[Record]:
-    """Wrap messages for serving, with their time and node."""
+    """Wrap messages for serving, with their time and node, in time order (as Hubble Relay sends)."""
     out = []
     for m in messages:
         t = m.time if m.HasField("time") else m.flow.time
         out.append(Record(m, t.seconds * NS + t.nanos, m.node_name or m.flow.node_name))
+    out.sort(key=lambda r: r.ts)
     return out
 
 

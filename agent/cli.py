@@ -9,10 +9,12 @@ import logging
 import os
 import signal
 import sys
-import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from agent import __version__, config, host
+
+if TYPE_CHECKING:
+    from agent.manager import IntegrationManager
 
 DEFAULT_CONFIG = "/etc/tfo-agent/config.yaml"
 log = logging.getLogger("tfo-agent")
@@ -34,6 +36,7 @@ def _load(path: Optional[str]) -> config.Config:
 
 
 def setup_logging(cfg: config.LoggingConfig) -> None:
+    """Log to stderr at ``logging.level``, as text or one JSON object per line (``logging.format``)."""
     level = getattr(logging, cfg.level.upper())
     handler = logging.StreamHandler(sys.stderr)
     if cfg.format == "json":
@@ -43,47 +46,64 @@ def setup_logging(cfg: config.LoggingConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The OTLP SDK logs every failed attempt; the agent reports the first failure and the recovery.
+    logging.getLogger("opentelemetry").setLevel(level if level <= logging.DEBUG else logging.CRITICAL)
 
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": self.formatTime(record),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-        )
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _reload(path: Optional[str], manager: IntegrationManager) -> None:
+    """SIGHUP: re-read and validate; apply a valid config, keep the running one on any error."""
+    try:
+        new = _load(path)
+    except config.ConfigError as exc:
+        manager.reload_failed()
+        log.error("reload rejected, keeping the running config: %s", exc)
+        return
+    if new.logging != manager.cfg.logging:
+        setup_logging(new.logging)
+    try:
+        changes = manager.reload(new)
+    except Exception:
+        manager.reload_failed()
+        log.exception("reload of %s failed part way; the rest keeps running", new.source)
+        return
+    log.info("reloaded %s: %s", new.source, ", ".join(changes) or "nothing changed")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.exporters.prometheus import PrometheusExporter
     from agent.manager import IntegrationManager
     from agent.registry import Registry
 
     cfg = _load(args.config)
     setup_logging(cfg.logging)
+    # Blocked before any thread exists, so only the sigwait below receives them (no handler races).
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     host.set_process_name("tfo-agent")
     log.info("tfo-agent %s starting with %s", __version__, cfg.source)
-    registry = Registry()
-    manager = IntegrationManager(cfg, registry)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    exporter = PrometheusExporter(cfg.exporters.prometheus, registry) if cfg.exporters.prometheus.enabled else None
+    manager = IntegrationManager(cfg, Registry())
     try:
         manager.start()
-        if exporter:
-            exporter.start()
     except OSError as exc:
         manager.stop()
         print(f"tfo-agent: cannot start: {exc}", file=sys.stderr)
         return 1
-    stop.wait()
-    log.info("stopping")
-    if exporter:
-        exporter.stop()
+    while (sig := signal.sigwait(signals)) == signal.SIGHUP:
+        log.info("SIGHUP: reloading the configuration")
+        _reload(args.config, manager)
+    log.info("%s: stopping", signal.Signals(sig).name)
     manager.stop()
     return 0
 

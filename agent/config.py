@@ -115,11 +115,37 @@ class IntegrationsConfig:
 
 
 @dataclass(frozen=True)
+class ListenerTlsConfig:
+    """``exporters.prometheus.tls``: serve HTTPS when both files are set."""
+
+    cert_file: str = ""
+    key_file: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file or self.key_file)
+
+
+@dataclass(frozen=True)
+class BasicAuthConfig:
+    """``exporters.prometheus.basic_auth``: require these credentials when a username is set."""
+
+    username: str = ""
+    password: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.username)
+
+
+@dataclass(frozen=True)
 class PrometheusConfig:
-    """``exporters.prometheus``: the scrape endpoint (9435 by default)."""
+    """``exporters.prometheus``: the scrape endpoint (9435 by default), with /healthz and /readyz."""
 
     enabled: bool = True
     listen_address: Address = "0.0.0.0:9435"
+    tls: ListenerTlsConfig = field(default_factory=ListenerTlsConfig)
+    basic_auth: BasicAuthConfig = field(default_factory=BasicAuthConfig)
 
 
 @dataclass(frozen=True)
@@ -146,6 +172,8 @@ class OtlpConfig:
     compression: Literal["none", "gzip"] = "none"
     resource_attributes: dict[str, str] = field(default_factory=dict)
     tls: OtlpTlsConfig = field(default_factory=OtlpTlsConfig)
+    # After a failed export the next one waits interval x 2^(failures-1), at most this long.
+    max_backoff: Duration = field(default=60.0, metadata={"check": _positive})
 
 
 @dataclass(frozen=True)
@@ -336,6 +364,21 @@ def _check_files(cfg: Config, ctx: _Ctx) -> None:
             for k in ("ca_file", "cert_file", "key_file")
             if getattr(otlp.tls, k)
         ]
+    if otlp.enabled and otlp.tls.enabled and otlp.tls.insecure_skip_verify and otlp.protocol == "grpc":
+        line = ctx.lines.get("exporters.otlp.tls.insecure_skip_verify")
+        raise ConfigError(
+            f"{ctx.source}:{line}: exporters.otlp.tls.insecure_skip_verify: expected false with protocol grpc"
+            " (gRPC cannot skip certificate verification; set ca_file), found true"
+        )
+    prom = cfg.exporters.prometheus
+    if prom.enabled and prom.tls.enabled:
+        wanted += [(f"exporters.prometheus.tls.{k}", getattr(prom.tls, k)) for k in ("cert_file", "key_file")]
+    if prom.basic_auth.password and not prom.basic_auth.username:
+        line = ctx.lines.get("exporters.prometheus.basic_auth.password")
+        raise ConfigError(
+            f"{ctx.source}:{line}: exporters.prometheus.basic_auth.username: expected a user name with the password,"
+            " found an empty value"
+        )
     btf = cfg.ebpf.btf_custom_path
     if cfg.ebpf.enabled and btf:
         wanted.append(("integrations.ebpf.btf_path", btf))

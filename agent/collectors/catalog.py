@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from agent.collectors import BpfCollector
+from agent.collectors.network import NetworkCollector
 from agent.collectors.syscalls import SyscallsCollector
+from agent.collectors.tcp_events import TcpEventsCollector
 
-COLLECTORS: tuple[type[BpfCollector], ...] = (SyscallsCollector,)
+COLLECTORS: tuple[type[BpfCollector], ...] = (SyscallsCollector, NetworkCollector, TcpEventsCollector)

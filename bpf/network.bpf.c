@@ -1,0 +1,339 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Network collector: TCP/UDP payload bytes and packets by direction, established TCP sockets,
+ * active-open connect latency, smoothed RTT and retransmitted segments.
+ *
+ * Bytes are what sock_sendmsg/sock_recvmsg moved for a process (sock:sock_send_length and
+ * sock:sock_recv_length, process context, so filters and sampling apply). Packets are UDP
+ * datagrams (one per successful call) and TCP segments: each TCP socket's own segs_out/segs_in
+ * counters, credited as deltas whenever an observed process sends or receives on it and once more
+ * when the socket reaches CLOSE. The socket table is created when a socket becomes ESTABLISHED, so
+ * deltas start at the socket's first segment; sockets older than the collector count from their
+ * first observation. The same table holds each socket's srtt for the RTT gauge. */
+#include "tcp_state.bpf.h"
+
+#define MSG_PEEK 2
+#define E2BIG 7
+#define MAX_SOCKS 65536
+#define SK_UNKNOWN 0  /* no process seen on the socket yet */
+#define SK_OBSERVED 1 /* a process passing the filters uses it */
+#define SK_IGNORED 2  /* a filtered-out process uses it */
+
+enum { SENT, RECEIVED };
+enum { TCP, UDP };
+
+struct traffic {
+	__u64 bytes;   /* weighted: TFO_UNIT per byte at 100% sampling */
+	__u64 packets; /* weighted likewise */
+};
+
+/* Index: direction * 2 + protocol. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__type(value, struct traffic);
+} traffic SEC(".maps");
+
+/* 64-bit fields: clang's BPF atomics (cmpxchg, xchg) are 64-bit only without -mcpu=v3. */
+struct tcp_sk {
+	__u64 segs_out; /* segments already credited (the socket's u32 counters, widened) */
+	__u64 segs_in;
+	__u64 srtt_us;  /* included in rtt_sum while in_rtt */
+	__u64 in_rtt;
+	__u64 verdict;  /* SK_* */
+};
+
+/* Key: struct sock address. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_SOCKS);
+	__type(key, __u64);
+	__type(value, struct tcp_sk);
+} tcp_socks SEC(".maps");
+
+struct rtt_sum {
+	__s64 sum_us;  /* sum of srtt over the sockets in the gauge */
+	__s64 sockets; /* how many */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rtt_sum);
+} rtt_sum SEC(".maps");
+
+/* Active opens in flight: sock address -> SYN_SENT time (ns). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __u64);
+} connect_start SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tfo_hist);
+} connect_latency SEC(".maps");
+
+/* Retransmitted segments, weighted TFO_UNIT each. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} retransmits SEC(".maps");
+
+static __always_inline struct traffic *traffic_of(__u32 dir, __u32 proto)
+{
+	__u32 key = dir * 2 + proto;
+	return bpf_map_lookup_elem(&traffic, &key);
+}
+
+/* Credit the segments a socket moved since the last credit (monotonic, race-free via CAS). */
+static __always_inline void credit_segs(__u64 *seen, __u32 now, __u32 dir)
+{
+	__u64 old = *seen;
+	__u32 d = now - (__u32)old;
+	struct traffic *tr;
+
+	if ((__s32)d <= 0 || __sync_val_compare_and_swap(seen, old, now) != old)
+		return;
+	tr = traffic_of(dir, TCP);
+	if (tr)
+		tr->packets += (__u64)d * TFO_UNIT;
+}
+
+static __always_inline void credit_socket(const struct sock *sk, struct tcp_sk *e)
+{
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+
+	credit_segs(&e->segs_out, BPF_CORE_READ(tp, segs_out), SENT);
+	credit_segs(&e->segs_in, BPF_CORE_READ(tp, segs_in), RECEIVED);
+}
+
+static __always_inline void rtt_add(__s64 d_sum, __s64 d_n)
+{
+	__u32 zero = 0;
+	struct rtt_sum *r = bpf_map_lookup_elem(&rtt_sum, &zero);
+
+	if (!r)
+		return;
+	if (d_sum)
+		__sync_fetch_and_add(&r->sum_us, d_sum);
+	if (d_n)
+		__sync_fetch_and_add(&r->sockets, d_n);
+}
+
+static __always_inline void rtt_set(const struct sock *sk, struct tcp_sk *e)
+{
+	__u64 srtt = BPF_CORE_READ((const struct tcp_sock *)sk, srtt_us) >> 3;
+	__s64 n = __sync_val_compare_and_swap(&e->in_rtt, 0, 1) == 0;
+	__u64 old = __sync_lock_test_and_set(&e->srtt_us, srtt);
+
+	rtt_add((__s64)srtt - old, n);
+}
+
+static __always_inline void rtt_remove(struct tcp_sk *e)
+{
+	__s64 n = __sync_val_compare_and_swap(&e->in_rtt, 1, 0) == 1;
+	__u64 old = __sync_lock_test_and_set(&e->srtt_us, 0);
+
+	rtt_add(-(__s64)old, -n);
+}
+
+/* A TCP socket used by an observed process: credit its segments, refresh its srtt. */
+static __always_inline void tcp_observe(const struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct tcp_sk *e = bpf_map_lookup_elem(&tcp_socks, &key);
+	int state = BPF_CORE_READ(sk, __sk_common.skc_state);
+
+	if (!e) {
+		/* Established before the collector started: count from now on. */
+		const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+		struct tcp_sk fresh = {
+			.segs_out = BPF_CORE_READ(tp, segs_out),
+			.segs_in = BPF_CORE_READ(tp, segs_in),
+			.verdict = SK_OBSERVED,
+		};
+		if (state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT)
+			return;
+		if (bpf_map_update_elem(&tcp_socks, &key, &fresh, BPF_NOEXIST))
+			tfo_count_map_full();
+		e = bpf_map_lookup_elem(&tcp_socks, &key);
+		if (!e)
+			return;
+	}
+	if (e->verdict != SK_OBSERVED) {
+		if (e->verdict != SK_UNKNOWN)
+			return;
+		e->verdict = SK_OBSERVED;
+	}
+	credit_socket(sk, e);
+	if (state == TCP_ESTABLISHED)
+		rtt_set(sk, e);
+}
+
+/* sock_sendmsg/sock_recvmsg returned ret on sk. */
+static __always_inline int on_msg(const struct sock *sk, int ret, int flags, __u32 dir)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct traffic *tr;
+	__u16 proto, type;
+	__u32 p;
+
+	if (ret < 0 || !sk || (dir == RECEIVED && (flags & MSG_PEEK)))
+		return 0;
+	proto = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol);
+	type = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_type);
+	if (proto == IPPROTO_TCP && type == SOCK_STREAM)
+		p = TCP;
+	else if (proto == IPPROTO_UDP && type == SOCK_DGRAM)
+		p = UDP;
+	else
+		return 0;
+	if (!tfo_task_observed(task)) {
+		if (p == TCP) {
+			__u64 key = (__u64)sk;
+			struct tcp_sk *e = bpf_map_lookup_elem(&tcp_socks, &key);
+			if (e && e->verdict == SK_UNKNOWN)
+				e->verdict = SK_IGNORED;
+		}
+		return 0;
+	}
+	if (!tfo_sampled())
+		return 0;
+	tr = traffic_of(dir, p);
+	if (!tr)
+		return 0;
+	tr->bytes += (__u64)ret * tfo_weight();
+	if (p == UDP)
+		tr->packets += tfo_weight();
+	else
+		tcp_observe(sk);
+	return 0;
+}
+
+static __always_inline int on_state(const struct sock *sk, int oldstate, int newstate)
+{
+	__u64 key = (__u64)sk, *start;
+	struct tcp_sk *e;
+
+	if (!tfo_is_tcp_stream(sk))
+		return 0;
+	tfo_established_update(oldstate, newstate);
+
+	if (newstate == TCP_SYN_SENT) {
+		/* connect(): the caller's context, so the filters apply. */
+		if (tfo_task_observed(bpf_get_current_task_btf()) && tfo_sampled()) {
+			__u64 now = bpf_ktime_get_ns();
+			if (bpf_map_update_elem(&connect_start, &key, &now, BPF_ANY))
+				tfo_count_map_full();
+		}
+	} else if (oldstate == TCP_SYN_SENT) {
+		start = bpf_map_lookup_elem(&connect_start, &key);
+		if (start) {
+			__u32 zero = 0;
+			struct tfo_hist *h = bpf_map_lookup_elem(&connect_latency, &zero);
+			if (h && newstate == TCP_ESTABLISHED)
+				tfo_hist_add(h, bpf_ktime_get_ns() - *start, tfo_weight());
+			bpf_map_delete_elem(&connect_start, &key);
+		}
+	}
+
+	if (newstate == TCP_ESTABLISHED) {
+		struct tcp_sk fresh = {}; /* count from the socket's first segment */
+		if (bpf_map_update_elem(&tcp_socks, &key, &fresh, BPF_NOEXIST) == -E2BIG)
+			tfo_count_map_full();
+		return 0;
+	}
+	e = bpf_map_lookup_elem(&tcp_socks, &key);
+	if (!e)
+		return 0;
+	if (oldstate == TCP_ESTABLISHED)
+		rtt_remove(e);
+	if (newstate == TCP_CLOSE) {
+		if (e->verdict == SK_OBSERVED)
+			credit_socket(sk, e);
+		rtt_remove(e);
+		bpf_map_delete_elem(&tcp_socks, &key);
+	}
+	return 0;
+}
+
+/* One retransmission of skb: as many segments as it carries (TcpRetransSegs counts the same). */
+static __always_inline int on_retransmit(const struct sk_buff *skb, int err)
+{
+	struct tcp_skb_cb *cb = (struct tcp_skb_cb *)&skb->cb[0];
+	__u32 zero = 0;
+	__u64 *v;
+	__u16 segs;
+
+	if (err)
+		return 0;
+	segs = BPF_CORE_READ(cb, tcp_gso_segs);
+	v = bpf_map_lookup_elem(&retransmits, &zero);
+	if (v)
+		*v += (__u64)(segs ? segs : 1) * TFO_UNIT;
+	return 0;
+}
+
+SEC("raw_tp/sock_send_length")
+int BPF_PROG(raw_send, struct sock *sk, int ret, int flags)
+{
+	return on_msg(sk, ret, flags, SENT);
+}
+
+SEC("raw_tp/sock_recv_length")
+int BPF_PROG(raw_recv, struct sock *sk, int ret, int flags)
+{
+	return on_msg(sk, ret, flags, RECEIVED);
+}
+
+SEC("raw_tp/inet_sock_set_state")
+int BPF_PROG(raw_set_state, const struct sock *sk, int oldstate, int newstate)
+{
+	return on_state(sk, oldstate, newstate);
+}
+
+SEC("raw_tp/tcp_retransmit_skb")
+int BPF_PROG(raw_retransmit, const struct sock *sk, const struct sk_buff *skb, int err)
+{
+	return on_retransmit(skb, err);
+}
+
+SEC("tracepoint/sock/sock_send_length")
+int tp_send(struct trace_event_raw_sock_msg_length *ctx)
+{
+	return on_msg(ctx->sk, ctx->ret, ctx->flags, SENT);
+}
+
+SEC("tracepoint/sock/sock_recv_length")
+int tp_recv(struct trace_event_raw_sock_msg_length *ctx)
+{
+	return on_msg(ctx->sk, ctx->ret, ctx->flags, RECEIVED);
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int tp_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	return on_state(ctx->skaddr, ctx->oldstate, ctx->newstate);
+}
+
+SEC("tracepoint/tcp/tcp_retransmit_skb")
+int tp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
+{
+	int err = 0;
+
+	/* Kernels before the err field traced successful retransmissions only. */
+	if (bpf_core_field_exists(ctx->err))
+		err = BPF_CORE_READ(ctx, err);
+	return on_retransmit(ctx->skbaddr, err);
+}
+
+TFO_FILTER_PROGRAMS

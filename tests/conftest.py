@@ -6,13 +6,16 @@ what it exports with what they made happen.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -78,10 +81,29 @@ class Agent:
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.log_path = workdir / f"agent-{self.port}.log"
         self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.ssl_context: Optional[ssl.SSLContext] = None  # set before start() for a TLS listener
+        self.auth: Optional[tuple[str, str]] = None  # basic auth credentials sent by scrape/get
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/metrics"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}/metrics"
+
+    def get(self, path: str, auth: Optional[tuple[str, str]] = None) -> tuple[int, bytes]:
+        """GET a path of the listener -> (status, body); error statuses are returned, not raised."""
+        req = urllib.request.Request(self.url.rsplit("/", 1)[0] + path)
+        user, password = auth or self.auth or ("", "")
+        if user:
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=self.ssl_context) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Replace the config file with the running config deep-merged with ``config`` (for reloads)."""
+        self.config = deep_merge(self.config, config)
+        self.config_path.write_text(yaml.safe_dump(self.config))
 
     def start(self, timeout: float = 20.0) -> Agent:
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps it)
@@ -106,8 +128,10 @@ class Agent:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def scrape_text(self) -> str:
-        with urllib.request.urlopen(self.url, timeout=10) as r:
-            return r.read().decode()
+        status, body = self.get("/metrics")
+        if status != 200:
+            raise OSError(f"GET /metrics answered {status}")
+        return body.decode()
 
     def scrape(self) -> Series:
         return parse_metrics(self.scrape_text())

@@ -85,6 +85,8 @@ def to_metrics_data(
     cumulative = AggregationTemporality.CUMULATIVE
     metrics = []
     for fam in families:
+        if not fam.samples:  # OTLP has no empty metric
+            continue
         data: Any
         if fam.kind is Kind.HISTOGRAM:
             points = []

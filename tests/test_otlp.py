@@ -1,0 +1,283 @@
+"""OTLP export against real receivers on loopback: gRPC (opentelemetry-proto service + grpcio) and HTTP.
+
+The workload is a Python process that renames itself (so ``process_filter`` selects it alone) and
+makes a known number of getppid calls, then exits: from then on the agent's syscall series are
+still, so an OTLP batch sent afterwards and a Prometheus scrape must agree exactly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Optional
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.metrics.v1 import metrics_pb2
+from prometheus_client.utils import floatToGoString
+
+from agent import __version__
+from tests.conftest import ROOT, Agent, Series, free_port, wait_for
+
+ExportRequest = metrics_service_pb2.ExportMetricsServiceRequest
+CUMULATIVE = metrics_pb2.AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+N_CALLS = 20_000
+OUTAGE_SECONDS = 30
+RSS_BOUND_KB = 8 * 1024  # growth of the agent's resident memory allowed over the 30 s outage (one batch at a time)
+
+
+class Receiver:
+    """Records what an OTLP receiver got: the latest request and when."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.count = 0
+        self.latest: Optional[Any] = None
+        self.latest_at = 0.0
+        self.headers: dict[str, str] = {}
+        self._cond = threading.Condition()
+
+    def record(self, request: Any, headers: dict[str, str]) -> None:
+        with self._cond:
+            self.count += 1
+            self.latest, self.latest_at, self.headers = request, time.monotonic(), headers
+            self._cond.notify_all()
+
+    def wait_after(self, moment: float, timeout: float = 15.0) -> Any:
+        """The first request received after ``moment`` (time.monotonic())."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.latest_at > moment, timeout):
+                raise TimeoutError(f"no OTLP request within {timeout}s")
+            return self.latest
+
+
+class GrpcReceiver(Receiver, metrics_service_pb2_grpc.MetricsServiceServicer):
+    """The OTLP/gRPC metrics service."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server: Optional[grpc.Server] = None
+
+    def Export(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.record(request, dict(context.invocation_metadata()))
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    def start(self) -> None:
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(self, self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop(0).wait()
+            self.server = None
+
+
+class HttpReceiver(Receiver):
+    """A minimal OTLP/HTTP receiver: POST /v1/metrics with a protobuf body (gzip or not)."""
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path != "/v1/metrics":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                receiver.record(ExportRequest.FromString(body), {k.lower(): v for k, v in self.headers.items()})
+                out = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def grpc_receiver() -> Iterator[GrpcReceiver]:
+    r = GrpcReceiver()
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def http_receiver() -> Iterator[HttpReceiver]:
+    r = HttpReceiver()
+    r.start()
+    yield r
+    r.stop()
+
+
+def run_workload(name: str, n: int) -> None:
+    """A process named ``name`` that makes ``n`` getppid calls and exits."""
+    code = f"import os\nfrom agent import host\nhost.set_process_name({name!r})\nfor _ in range({n}): os.getppid()"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def otlp_agent(factory: Callable[..., Agent], otlp: dict[str, Any], name: str) -> Agent:
+    return factory(
+        {
+            "integrations": {"ebpf": {"process_filter": [name]}},
+            "exporters": {"otlp": {"enabled": True, "interval": "1s", "timeout": "2s", **otlp}},
+        }
+    )
+
+
+def attrs(kvs: Any) -> dict[str, str]:
+    return {kv.key: kv.value.string_value for kv in kvs}
+
+
+def syscall_metrics(request: Any) -> dict[str, Any]:
+    """The request's ebpf_syscall_* metrics by name."""
+    return {
+        m.name: m
+        for rm in request.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name.startswith("ebpf_syscall")
+    }
+
+
+def assert_same_as_scrape(request: Any, scrape: Series) -> dict[str, Any]:
+    """Every ebpf_syscall_* point of the OTLP request equals the scrape; both have the same series."""
+    metrics = syscall_metrics(request)
+    assert metrics, "no ebpf_syscall_* metrics in the OTLP request"
+    expected: Series = {}
+    for name, m in metrics.items():
+        kind = m.WhichOneof("data")
+        if kind == "sum":
+            assert m.sum.is_monotonic and m.sum.aggregation_temporality == CUMULATIVE
+            for p in m.sum.data_points:
+                expected[(f"{name}_total", frozenset(attrs(p.attributes).items()))] = p.as_double
+        elif kind == "histogram":
+            assert m.histogram.aggregation_temporality == CUMULATIVE
+            for p in m.histogram.data_points:
+                labels = attrs(p.attributes)
+                cumulative = 0
+                for bound, n in zip(p.explicit_bounds, p.bucket_counts):
+                    cumulative += n
+                    le = frozenset({**labels, "le": floatToGoString(bound)}.items())
+                    expected[(f"{name}_bucket", le)] = cumulative
+                assert len(p.bucket_counts) == len(p.explicit_bounds) + 1
+                expected[(f"{name}_bucket", frozenset({**labels, "le": "+Inf"}.items()))] = p.count
+                expected[(f"{name}_count", frozenset(labels.items()))] = p.count
+                assert p.count == sum(p.bucket_counts)
+                assert scrape[(f"{name}_sum", frozenset(labels.items()))] == pytest.approx(p.sum, rel=1e-9)
+        else:
+            pytest.fail(f"{name}: unexpected OTLP data {kind}")
+    scraped = {k: v for k, v in scrape.items() if k[0].startswith("ebpf_syscall") and not k[0].endswith("_sum")}
+    assert scraped == expected
+    return metrics
+
+
+def getppid_count(request: Any) -> float:
+    metric = syscall_metrics(request).get("ebpf_syscall_count")
+    points = metric.sum.data_points if metric else []
+    return next((p.as_double for p in points if attrs(p.attributes) == {"syscall": "getppid"}), 0.0)
+
+
+def test_grpc_export_agrees_with_prometheus(agent_factory: Callable[..., Agent], grpc_receiver: GrpcReceiver) -> None:
+    name = f"tfootlp{uuid.uuid4().hex[:6]}"
+    agent = otlp_agent(
+        agent_factory,
+        {"endpoint": f"127.0.0.1:{grpc_receiver.port}", "resource_attributes": {"deployment.environment": "test"}},
+        name,
+    )
+    run_workload(name, N_CALLS)
+    request = grpc_receiver.wait_after(time.monotonic())
+    scrape = agent.scrape()
+    metrics = assert_same_as_scrape(request, scrape)
+    assert getppid_count(request) == N_CALLS
+    hist = next(m for m in metrics.values() if m.WhichOneof("data") == "histogram")
+    assert len(hist.histogram.data_points[0].explicit_bounds) > 10  # the log2 bounds, not a default layout
+    resource = attrs(request.resource_metrics[0].resource.attributes)
+    assert resource["service.name"] == "tfo-agent"
+    assert resource["service.version"] == __version__
+    assert resource["os.type"] == "linux"
+    assert resource["host.name"] and resource["host.arch"]
+    assert resource["deployment.environment"] == "test"
+    assert scrape[("tfo_agent_otlp_exports_total", frozenset({("result", "success")}))] >= 1
+
+
+def test_http_export_agrees_with_prometheus(agent_factory: Callable[..., Agent], http_receiver: HttpReceiver) -> None:
+    name = f"tfootlp{uuid.uuid4().hex[:6]}"
+    agent = otlp_agent(
+        agent_factory,
+        {
+            "protocol": "http/protobuf",
+            "endpoint": f"http://127.0.0.1:{http_receiver.port}",
+            "compression": "gzip",
+            "headers": {"x-tfo-token": "s3cret"},
+        },
+        name,
+    )
+    run_workload(name, N_CALLS)
+    request = http_receiver.wait_after(time.monotonic())
+    assert_same_as_scrape(request, agent.scrape())
+    assert getppid_count(request) == N_CALLS
+    assert http_receiver.headers["x-tfo-token"] == "s3cret"
+    assert http_receiver.headers["content-encoding"] == "gzip"
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_receiver_outage(agent_factory: Callable[..., Agent], grpc_receiver: GrpcReceiver) -> None:
+    """Receiver down 30 s: /metrics keeps serving, memory stays bounded, nothing counted is lost."""
+    name = f"tfootlp{uuid.uuid4().hex[:6]}"
+    agent = otlp_agent(agent_factory, {"endpoint": f"127.0.0.1:{grpc_receiver.port}", "max_backoff": "4s"}, name)
+    assert agent.proc is not None
+    before = getppid_count(grpc_receiver.wait_after(time.monotonic()))
+    grpc_receiver.stop()
+    down = time.monotonic()
+    rss_start = rss_kb(agent.proc.pid)
+    rss_max, scrapes = rss_start, 0
+    run_workload(name, N_CALLS)
+    ready_during: Optional[tuple[int, bytes]] = None
+    while time.monotonic() - down < OUTAGE_SECONDS:
+        assert agent.value("ebpf_syscall_count_total", syscall="getppid") == before + N_CALLS
+        scrapes += 1
+        rss_max = max(rss_max, rss_kb(agent.proc.pid))
+        ready_during = agent.get("/readyz")
+        time.sleep(1)
+    scrape = agent.scrape()
+    failures = scrape[("tfo_agent_otlp_exports_total", frozenset({("result", "failure")}))]
+    dropped = scrape[("tfo_agent_otlp_dropped_batches_total", frozenset())]
+    print(f"outage: rss {rss_start} kB -> max {rss_max} kB, {failures:.0f} failed exports, {dropped:.0f} dropped")
+    assert scrapes >= OUTAGE_SECONDS - 5
+    assert rss_max - rss_start <= RSS_BOUND_KB
+    assert failures >= 3 and dropped >= failures
+    assert ready_during is not None and ready_during[0] == 503 and b'"otlp"' in ready_during[1]
+    grpc_receiver.start()
+    back = time.monotonic()
+    request = grpc_receiver.wait_after(back, timeout=15)
+    print(f"first batch {grpc_receiver.latest_at - back:.1f}s after the receiver came back")
+    assert getppid_count(request) == before + N_CALLS
+    assert_same_as_scrape(request, agent.scrape())
+    assert wait_for(lambda: agent.get("/readyz")[0] == 200, timeout=5)

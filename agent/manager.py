@@ -83,8 +83,10 @@ class Supervised:
                 self.impl = self.build()
             self.impl.start()
         except Exception as exc:
+            previous = self.error
             delay = self.fail(str(exc) or type(exc).__name__)
-            log.error("%s not started: %s (retry in %.0fs)", self.name, self.error, delay)
+            level = logging.DEBUG if self.error == previous else logging.ERROR  # say each reason once
+            log.log(level, "%s not started: %s (retry in %.0fs)", self.name, self.error, delay)
             return False
         self.running, self.error, self.read_failures = True, "", 0
         return True

@@ -43,6 +43,16 @@ lint: venv
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/ruff format --check agent tests bench
 
+# Packages: dist/tfo-agent_<version>_amd64.deb and dist/tfo-agent-<version>.x86_64.rpm (packaging/README.md).
+PKG_VENV := build/pkg-venv
+$(PKG_VENV)/.stamp: packaging/build-requirements.txt
+	$(PYTHON) -m venv $(PKG_VENV)
+	$(PKG_VENV)/bin/pip install -q -r packaging/build-requirements.txt
+	touch $@
+
+package: bpf $(PKG_VENV)/.stamp
+	$(PKG_VENV)/bin/python packaging/build.py
+
 clean:
 	$(MAKE) -C bpf clean
 	rm -rf $(VENV) build dist *.egg-info

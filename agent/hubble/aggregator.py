@@ -287,7 +287,7 @@ class Aggregator:
         self._keep_ns = keep_ns
         self._keep_cache: dict[tuple[str, str], bool] = {}
         self._wl_cache: dict[str, str] = {}
-        self._pending: dict[FlowKey, list[int]] = {}
+        self._pending: dict[tuple, list[int]] = {}  # FlowKey fields -> [count, bytes]
         self._hist: dict[tuple[str, tuple[str, ...]], list] = {}
         # endpoint -> (last window seen, last window with a forwarded flow)
         self._endpoints: dict[tuple[str, str, str], tuple[int, int]] = {}
@@ -416,7 +416,7 @@ class Aggregator:
                         node,
                         scale,
                     )
-        key = FlowKey(
+        key = (  # a plain tuple in FlowKey's field order: cheaper than the NamedTuple per flow
             node,
             src_ns,
             src_wl,
@@ -587,7 +587,8 @@ class Aggregator:
     def publish(self) -> None:
         """Close the window: fold its flows into the cumulative families, atomically."""
         node_label = self.groups.node_label
-        for key, (count, size) in self._pending.items():
+        for raw_key, (count, size) in self._pending.items():
+            key = FlowKey._make(raw_key)
             prefix = (key.node,) if node_label else ()
             for family, labels, which in self._project(key):
                 amount = size if which else count

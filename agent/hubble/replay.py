@@ -98,7 +98,8 @@ class ObserverService:
         self._masked: dict[tuple[str, ...], list[bytes]] = {}
         self._lock = threading.Lock()
 
-    def _bytes(self, mask: tuple[str, ...]) -> list[bytes]:
+    def prepared(self, mask: tuple[str, ...]) -> list[bytes]:
+        """The records serialised with ``mask`` applied (computed once per mask)."""
         with self._lock:
             cached = self._masked.get(mask)
             if cached is None:
@@ -139,7 +140,7 @@ class ObserverService:
         passes = 0
         while True:
             offset = passes * self.period
-            cached = self._bytes(mask) if offset == 0 else None
+            cached = self.prepared(mask) if offset == 0 else None
             for i in picked:
                 ts = self.records[i].ts + offset
                 if since is not None and ts < since:

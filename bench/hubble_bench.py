@@ -1,0 +1,182 @@
+"""Hubble benchmark: agent CPU per flow, next to receive-only and decode-only, in the same run.
+
+    python bench/hubble_bench.py [--flows 200000] [--soak SECONDS --soak-rate 5000]
+
+This process runs the replay relay (demo flows, ~250-330 bytes each) on loopback. Each measurement
+is a fresh child process that streams all flows once with the agent's own GetFlows request
+(follow, field_mask): ``receive`` only iterates the raw messages, ``decode`` also parses them,
+``agent`` runs the real HubbleIntegration (reader + aggregator, all metric groups on, cluster
+scope). CPU is read from /proc/<child>/stat (utime+stime) between the child's "ready" (imports,
+channel set up) and "done" lines, so start-up is not counted. ``--soak`` feeds the agent at a fixed
+rate with --loop semantics and reports CPU share and RSS over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent.hubble.client import FIELD_MASK  # noqa: E402
+from agent.hubble.demo import demo_flows  # noqa: E402
+from agent.hubble.replay import ReplayRelay, to_records  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def child(mode: str, addr: str, flows: int) -> None:
+    """Runs in the measured process: stream ``flows`` flows, say ready/done on stdout."""
+    import grpc
+    import grpc.experimental
+
+    from agent.hubble.proto import GET_FLOWS, observer_pb2
+
+    if mode == "agent":
+        from agent.config import CiliumConfig
+        from agent.hubble import HubbleIntegration
+
+        cfg = CiliumConfig(
+            enabled=True, hubble_address=addr, hubble_tls_enabled=False, exclude_namespaces=(),
+            flow_scope="cluster", aggregation_window=1.0, flow_buffer_size=1_000_000,
+            max_flows_per_second=10_000_000,
+        )  # fmt: skip
+        h = HubbleIntegration(cfg)
+        print("ready", flush=True)
+        h.start()
+        while h.aggregator.stats.flows_processed < flows:
+            time.sleep(0.01)
+        h.stop()
+        print("done", len(h.collect()), flush=True)
+    else:
+        options = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+        channel = grpc.insecure_channel(addr, options=options)
+        req = observer_pb2.GetFlowsRequest(follow=True)
+        req.field_mask.paths.extend(FIELD_MASK)
+        call = channel.unary_stream(
+            GET_FLOWS, request_serializer=observer_pb2.GetFlowsRequest.SerializeToString, response_deserializer=None
+        )
+        parse = observer_pb2.GetFlowsResponse.FromString
+        print("ready", flush=True)
+        n = 0
+        stream = call(req)
+        for raw in stream:
+            if mode == "decode":
+                parse(raw)
+            n += 1
+            if n >= flows:
+                break
+        stream.cancel()
+        print("done", n, flush=True)
+    sys.stdin.read()  # hold still until the parent has read our CPU time
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process in seconds, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process."""
+    return sum(cpu_times(pid))
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def spawn(mode: str, addr: str, flows: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, __file__, "--child", mode, "--addr", addr, "--flows", str(flows)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def measure(mode: str, addr: str, flows: int) -> tuple[float, float, float]:
+    """(CPU µs per flow, of which system µs, wall seconds) of one child streaming ``flows`` flows."""
+    proc = spawn(mode, addr, flows)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline().startswith("ready")
+    (u0, s0), t0 = cpu_times(proc.pid), time.monotonic()
+    line = proc.stdout.readline()
+    (u1, s1), t1 = cpu_times(proc.pid), time.monotonic()
+    proc.stdin.close()
+    proc.wait(timeout=30)
+    if not line.startswith("done"):
+        raise SystemExit(f"{mode}: child failed")
+    return (u1 - u0 + s1 - s0) / flows * 1e6, (s1 - s0) / flows * 1e6, t1 - t0
+
+
+def soak(addr: str, seconds: float) -> list[tuple[float, float, float]]:
+    """(elapsed s, CPU share of one core over the last interval, RSS MiB) samples of a running agent."""
+    proc = spawn("agent", addr, 10**12)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    samples = []
+    start = last_t = time.monotonic()
+    last_cpu = cpu_seconds(proc.pid)
+    while time.monotonic() - start < seconds:
+        time.sleep(min(30.0, seconds / 10))
+        now, cpu = time.monotonic(), cpu_seconds(proc.pid)
+        samples.append((now - start, (cpu - last_cpu) / (now - last_t), rss_mib(proc.pid)))
+        last_t, last_cpu = now, cpu
+    proc.kill()
+    proc.wait()
+    return samples
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--flows", type=int, default=200_000)
+    p.add_argument("--rounds", type=int, default=1, help="repeat each measurement, report the best")
+    p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--soak-rate", type=float, default=5000.0)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--addr", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.child, args.addr, args.flows)
+        return 0
+    msgs = demo_flows(args.flows)[: args.flows]
+    size = sum(m.ByteSize() for m in msgs) / len(msgs)
+    if args.soak:
+        relay = ReplayRelay(to_records(msgs), loop=True, rate=args.soak_rate)
+        addr = relay.start("127.0.0.1:0")
+        relay.service.prepared(FIELD_MASK)
+        print(f"soak: {args.soak:.0f}s at {args.soak_rate:.0f} flows/s (loop)")
+        for t, share, rss in soak(addr, args.soak):
+            print(f"  t={t:6.0f}s  cpu={share * 100:5.1f}% of one core  rss={rss:6.1f} MiB")
+        relay.stop(0)
+        return 0
+    relay = ReplayRelay(to_records(msgs))
+    addr = relay.start("127.0.0.1:0")
+    masked = relay.service.prepared(FIELD_MASK)  # precompute what the relay sends for the agent's mask
+    wire = sum(len(b) for b in masked) / len(masked)
+    print(f"{len(msgs)} demo flows, {size:.0f} bytes each on average, {wire:.0f} bytes after the field mask")
+    print(f"{'what the process does':44} {'CPU µs/flow':>12} {'of it sys':>10} {'flows/s':>9}")
+    labels = {
+        "receive": "receive only (SingleThreadedUnaryStream)",
+        "decode": "+ protobuf decode",
+        "agent": "agent: reader + aggregator, all groups",
+    }
+    for mode, label in labels.items():
+        best = min((measure(mode, addr, len(msgs)) for _ in range(args.rounds)), key=lambda r: r[0])
+        print(f"{label:44} {best[0]:12.1f} {best[1]:10.1f} {len(msgs) / best[2]:9.0f}")
+    relay.stop(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

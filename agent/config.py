@@ -95,6 +95,8 @@ class EbpfConfig:
     namespace_filter: tuple[str, ...] = ()
     exclude_processes: tuple[str, ...] = ("tfo-agent", "systemd")
     sample_rate: int = field(default=100, metadata={"min": 1, "max": 100})
+    # Distinct comm label values per per-process family, comm="other" included; the rest fold into it.
+    max_comm_series: int = field(default=100, metadata={"min": 1})
     ring_buffer_size: int = field(default=65536, metadata={"check": _power_of_two_pages})
     perf_buffer_size: int = field(default=8192, metadata={"min": 1})
     max_stack_depth: int = field(default=20, metadata={"min": 1, "max": 127})

@@ -216,6 +216,10 @@ static __always_inline void tfo_on_rename(void)
 	SEC("raw_tp/cgroup_attach_task")                                \
 	int raw_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; } \
 	SEC("tracepoint/cgroup/cgroup_attach_task")                     \
-	int tp_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; }
+	int tp_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; } \
+	SEC("tp_btf/task_rename")                                       \
+	int tpbtf_task_rename(void *ctx) { tfo_on_rename(); return 0; } \
+	SEC("tp_btf/cgroup_attach_task")                                \
+	int tpbtf_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; }
 
 #endif /* TFO_BPF_H */

@@ -1,0 +1,180 @@
+"""The ``comm`` label cap: per-process families keep a bounded number of series.
+
+A ``CommCap`` admits process names first come, first served, until ``limit - 1`` names have their
+own series; every other name is folded into ``comm="other"``, so a family never has more than
+``limit`` distinct ``comm`` values (``other`` included). Admitted names keep their series for the
+agent's lifetime, so counters stay continuous. ``folded`` counts the distinct names folded so far
+(names are remembered in a bounded LRU of ``FOLDED_MEMORY`` entries: a name folded again after
+dropping out of it counts again).
+
+``CommStats`` reads the kernel side every collector with per-process counters shares
+(``bpf/tfo_comm.bpf.h``): it folds names that are not admitted into the userspace-owned
+``comm_folded`` map and deletes them from ``comm_stats``, which keeps the kernel hash from filling
+up with names that will never get a series of their own.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from agent.collectors import BpfCollector, log2_histogram, sum_percpu_u64
+from agent.config import EbpfConfig
+from agent.filters import UNIT, Filters
+from agent.libbpf import BpfMap, BpfObject
+from agent.registry import Kind, MetricFamily
+
+OTHER = "other"
+FOLDED_MEMORY = 4096
+COMM_MAPS = ("comm_stats", "comm_overflow", "comm_folded")
+HIST_SLOTS = 40  # TFO_HIST_SLOTS
+NS_MIN_SLOT, NS_MAX_SLOT = 7, 33  # 128 ns .. ~8.6 s
+NS = 1e-9
+_ZERO_KEY = b"\0\0\0\0"
+
+
+class CommCap:
+    """Decides which process names get a series of their own; counts the names folded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.admitted: set[str] = set()
+        self.folded = 0
+        self._recently_folded: OrderedDict[str, None] = OrderedDict()
+
+    def admit(self, comm: str) -> bool:
+        """True when ``comm`` has (or now gets) its own series; else it is counted as folded."""
+        if comm in self.admitted:
+            return True
+        if comm and comm != OTHER and len(self.admitted) < self.limit - 1:
+            self.admitted.add(comm)
+            return True
+        if comm in self._recently_folded:
+            self._recently_folded.move_to_end(comm)
+        else:
+            self.folded += 1
+            self._recently_folded[comm] = None
+            if len(self._recently_folded) > FOLDED_MEMORY:
+                self._recently_folded.popitem(last=False)
+        return False
+
+    def label(self, comm: str) -> str:
+        """The ``comm`` label value to use for this process name."""
+        return comm if self.admit(comm) else OTHER
+
+    def folded_family(self, collector: str) -> MetricFamily:
+        """The self-metric of this cap (one family per collector that owns a cap)."""
+        fam = MetricFamily(
+            f"tfo_agent_{collector}_comm_folded",
+            Kind.COUNTER,
+            f'Distinct process names the {collector} collector folded into comm="other" (comm label cap).',
+        )
+        fam.add((), self.folded)
+        return fam
+
+
+def decode_comm(raw: bytes) -> str:
+    """A kernel ``comm`` (NUL-padded) as a label value; undecodable bytes stay distinct."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+class CommStats:
+    """Reads ``comm_stats``/``comm_overflow``/``comm_folded`` of one object through a ``CommCap``."""
+
+    def __init__(self, cap: CommCap, nvalues: int) -> None:
+        self.cap = cap
+        self.nvalues = nvalues
+        self._fmt = struct.Struct(f"<{nvalues}Q")
+
+    def read(self, obj: BpfObject) -> dict[str, list[int]]:
+        """Process name (or ``other``) -> its weighted counters, folding names that are not admitted."""
+        stats = obj.map("comm_stats")
+        out: dict[str, list[int]] = {}
+        fold = [0] * self.nvalues
+        for key, value in stats.items():
+            comm = decode_comm(key)
+            if self.cap.admit(comm):
+                out[comm] = sum_percpu_u64(value, stats.slot_size, self.nvalues)
+                continue
+            # Re-read just before deleting so that the window for lost increments is tiny.
+            latest = stats.lookup(key)
+            stats.delete(key)
+            if latest is not None:
+                fold = _add(fold, sum_percpu_u64(latest, stats.slot_size, self.nvalues))
+        folded_map = obj.map("comm_folded")
+        raw = folded_map.lookup(_ZERO_KEY)
+        folded = list(self._fmt.unpack_from(raw)) if raw else [0] * self.nvalues
+        if any(fold):
+            folded = _add(folded, fold)
+            folded_map.update(_ZERO_KEY, self._fmt.pack(*folded))
+        overflow = obj.map("comm_overflow")
+        raw = overflow.lookup(_ZERO_KEY)
+        other = _add(folded, sum_percpu_u64(raw, overflow.slot_size, self.nvalues) if raw else [0] * self.nvalues)
+        if any(other):
+            out[OTHER] = other
+        return out
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(a, b)]
+
+
+@dataclass(frozen=True)
+class CommFamily:
+    """A per-process counter family: which kernel counters feed which series.
+
+    ``series`` pairs a counter index with the values of ``extra_labels`` (after ``comm``);
+    ``per_unit`` is how many kernel units make one exposed base unit (10**9 for ns -> seconds).
+    """
+
+    name: str
+    help: str
+    series: tuple[tuple[int, tuple[str, ...]], ...]
+    extra_labels: tuple[str, ...] = ()
+    per_unit: int = 1
+
+    def build(self, counters: dict[str, list[int]]) -> MetricFamily:
+        fam = MetricFamily(self.name, Kind.COUNTER, self.help, ("comm", *self.extra_labels))
+        for comm, values in sorted(counters.items()):
+            for index, extra in self.series:
+                if values[index]:
+                    fam.add((comm, *extra), values[index] / (UNIT * self.per_unit))
+        return fam
+
+
+class CommCollector(BpfCollector):
+    """A collector whose object includes ``tfo_comm.bpf.h``: per-process families under the cap."""
+
+    comm_families: ClassVar[tuple[CommFamily, ...]]
+    comm_values: ClassVar[int]  # TFO_COMM_VALUES of the object
+
+    def __init__(self, cfg: EbpfConfig, filters: Filters) -> None:
+        super().__init__(cfg, filters)
+        self.cap = CommCap(cfg.max_comm_series)
+        self.comm_stats = CommStats(self.cap, self.comm_values)
+
+    def read(self) -> Iterable[MetricFamily]:
+        assert self.obj is not None
+        counters = self.comm_stats.read(self.obj)
+        return [
+            *(spec.build(counters) for spec in self.comm_families),
+            *self.read_more(),
+            self.cap.folded_family(self.name),
+        ]
+
+    def read_more(self) -> Iterable[MetricFamily]:
+        """Families that are not per process (histograms); none by default."""
+        return ()
+
+
+def add_ns_histogram(fam: MetricFamily, labels: Sequence[str], hists: BpfMap, key: bytes) -> None:
+    """Add one per-CPU ``struct tfo_hist`` of nanoseconds to ``fam``, in seconds."""
+    raw = hists.lookup(key)
+    if raw is None:
+        return
+    slots_and_sum = sum_percpu_u64(raw, hists.slot_size, HIST_SLOTS + 1)
+    bounds, counts = log2_histogram(slots_and_sum[:HIST_SLOTS], NS_MIN_SLOT, NS_MAX_SLOT, NS)
+    fam.add_histogram(labels, bounds, counts, slots_and_sum[HIST_SLOTS] / UNIT * NS)

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from agent.collectors import BpfCollector
+from agent.collectors.file_io import FileIoCollector
+from agent.collectors.memory import MemoryCollector
 from agent.collectors.network import NetworkCollector
+from agent.collectors.scheduler import SchedulerCollector
 from agent.collectors.syscalls import SyscallsCollector
 from agent.collectors.tcp_events import TcpEventsCollector
 
-COLLECTORS: tuple[type[BpfCollector], ...] = (SyscallsCollector, NetworkCollector, TcpEventsCollector)
+COLLECTORS: tuple[type[BpfCollector], ...] = (
+    SyscallsCollector,
+    NetworkCollector,
+    TcpEventsCollector,
+    FileIoCollector,
+    SchedulerCollector,
+    MemoryCollector,
+)

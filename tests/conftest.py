@@ -185,6 +185,12 @@ def build_c(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Pa
     return build
 
 
+def getppid_workload(name: str, n: int) -> None:
+    """Run a process that names itself ``name`` (its comm, for process filters), makes ``n`` getppid calls, exits."""
+    code = f"import os\nfrom agent import host\nhost.set_process_name({name!r})\nfor _ in range({n}): os.getppid()"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.1) -> bool:
     """Poll until ``predicate()`` is true; False on timeout."""
     deadline = time.monotonic() + timeout

@@ -8,8 +8,6 @@ still, so an OTLP batch sent afterwards and a Prometheus scrape must agree exact
 from __future__ import annotations
 
 import gzip
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,7 +23,7 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from prometheus_client.utils import floatToGoString
 
 from agent import __version__
-from tests.conftest import ROOT, Agent, Series, free_port, wait_for
+from tests.conftest import Agent, Series, free_port, getppid_workload, wait_for
 
 ExportRequest = metrics_service_pb2.ExportMetricsServiceRequest
 CUMULATIVE = metrics_pb2.AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
@@ -132,12 +130,6 @@ def http_receiver() -> Iterator[HttpReceiver]:
     r.stop()
 
 
-def run_workload(name: str, n: int) -> None:
-    """A process named ``name`` that makes ``n`` getppid calls and exits."""
-    code = f"import os\nfrom agent import host\nhost.set_process_name({name!r})\nfor _ in range({n}): os.getppid()"
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
-
-
 def otlp_agent(factory: Callable[..., Agent], otlp: dict[str, Any], name: str) -> Agent:
     return factory(
         {
@@ -207,7 +199,7 @@ def test_grpc_export_agrees_with_prometheus(agent_factory: Callable[..., Agent],
         {"endpoint": f"127.0.0.1:{grpc_receiver.port}", "resource_attributes": {"deployment.environment": "test"}},
         name,
     )
-    run_workload(name, N_CALLS)
+    getppid_workload(name, N_CALLS)
     request = grpc_receiver.wait_after(time.monotonic())
     scrape = agent.scrape()
     metrics = assert_same_as_scrape(request, scrape)
@@ -235,7 +227,7 @@ def test_http_export_agrees_with_prometheus(agent_factory: Callable[..., Agent],
         },
         name,
     )
-    run_workload(name, N_CALLS)
+    getppid_workload(name, N_CALLS)
     request = http_receiver.wait_after(time.monotonic())
     assert_same_as_scrape(request, agent.scrape())
     assert getppid_count(request) == N_CALLS
@@ -258,7 +250,7 @@ def test_receiver_outage(agent_factory: Callable[..., Agent], grpc_receiver: Grp
     down = time.monotonic()
     rss_start = rss_kb(agent.proc.pid)
     rss_max, scrapes = rss_start, 0
-    run_workload(name, N_CALLS)
+    getppid_workload(name, N_CALLS)
     ready_during: Optional[tuple[int, bytes]] = None
     while time.monotonic() - down < OUTAGE_SECONDS:
         assert agent.value("ebpf_syscall_count_total", syscall="getppid") == before + N_CALLS

@@ -40,7 +40,10 @@ for _ in range(ARGS["conns"]):
     if ARGS.get("hold"):
         continue
     while True:
-        b = c.recv(1 << 20)
+        try:
+            b = c.recv(1 << 20)
+        except ConnectionResetError:  # the peer aborted
+            break
         if not b:
             break
         total += len(b)

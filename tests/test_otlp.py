@@ -23,6 +23,8 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from prometheus_client.utils import floatToGoString
 
 from agent import __version__
+from agent.exporters.otlp import integer_buckets, to_metrics_data
+from agent.registry import Kind, MetricFamily
 from tests.conftest import Agent, Series, free_port, getppid_workload, wait_for
 
 ExportRequest = metrics_service_pb2.ExportMetricsServiceRequest
@@ -273,3 +275,24 @@ def test_receiver_outage(agent_factory: Callable[..., Agent], grpc_receiver: Grp
     assert getppid_count(request) == before + N_CALLS
     assert_same_as_scrape(request, agent.scrape())
     assert wait_for(lambda: agent.get("/readyz")[0] == 200, timeout=5)
+
+
+def test_conversion_keeps_bounds_and_exact_totals() -> None:
+    """Sampled (fractional) bucket counts become integers without changing the cumulative total."""
+    hist = MetricFamily("lat", Kind.HISTOGRAM, "h", ("op",))
+    hist.add_histogram(("x",), [1.0, 2.0, 4.0], [0.34, 0.33, 0.33, 2.0], 9.5)
+    counter = MetricFamily("ops", Kind.COUNTER, "c", ("op",))
+    counter.add(("x",), 3.0)
+    gauge = MetricFamily("temp", Kind.GAUGE, "g")
+    gauge.add((), 1.5)
+    empty = MetricFamily("none", Kind.COUNTER, "no series yet")
+    data = to_metrics_data([hist, counter, gauge, empty], {"service.name": "tfo-agent"}, 1, 2)
+    metrics = {m.name: m for m in data.resource_metrics[0].scope_metrics[0].metrics}
+    assert set(metrics) == {"lat", "ops", "temp"}
+    point = metrics["lat"].data.data_points[0]
+    assert list(point.explicit_bounds) == [1.0, 2.0, 4.0]
+    assert list(point.bucket_counts) == [0, 1, 0, 2] and point.count == 3
+    assert dict(point.attributes) == {"op": "x"} and point.start_time_unix_nano == 1
+    assert metrics["ops"].data.is_monotonic and metrics["ops"].data.data_points[0].value == 3.0
+    assert metrics["temp"].data.data_points[0].value == 1.5
+    assert integer_buckets([0.5, 0.5, 0.5, 0.5]) == [0, 1, 1, 0]

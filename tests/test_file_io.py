@@ -76,9 +76,7 @@ class Workload:
     """The workload above, driven step by step through its stdin/stdout."""
 
     def __init__(self, exe: Path, data: Path) -> None:
-        self.proc = subprocess.Popen(
-            [str(exe), str(data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        self.proc = subprocess.Popen([str(exe), str(data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def expect(self, line: str) -> None:
         assert self.proc.stdout is not None
@@ -126,6 +124,10 @@ def test_bytes_and_opens_match_the_workload_and_sockets_pipes_do_not_count(
         work.go()
         work.expect("files done")
         w1, r1, o1 = file_counters(agent, comm)
+        print(
+            f"file I/O: wrote {W} counted {w1 - w0:.0f}; read {W} counted {r1 - r0:.0f}; "
+            f"opened {K + 2} counted {o1 - o0:.0f}"
+        )
         assert abs((w1 - w0) - W) <= W * 0.005, f"write bytes rose by {w1 - w0}, wrote {W}"
         assert abs((r1 - r0) - W) <= W * 0.005, f"read bytes rose by {r1 - r0}, read {W}"
         assert abs((o1 - o0) - (K + 2)) <= 10, f"opens rose by {o1 - o0}, opened {K + 2}"

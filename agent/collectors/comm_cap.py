@@ -16,6 +16,7 @@ up with names that will never get a series of their own.
 from __future__ import annotations
 
 import struct
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -88,9 +89,14 @@ class CommStats:
         self.cap = cap
         self.nvalues = nvalues
         self._fmt = struct.Struct(f"<{nvalues}Q")
+        self._lock = threading.Lock()  # concurrent readers (scrapes, OTLP) must not fold twice
 
     def read(self, obj: BpfObject) -> dict[str, list[int]]:
         """Process name (or ``other``) -> its weighted counters, folding names that are not admitted."""
+        with self._lock:
+            return self._read(obj)
+
+    def _read(self, obj: BpfObject) -> dict[str, list[int]]:
         stats = obj.map("comm_stats")
         out: dict[str, list[int]] = {}
         fold = [0] * self.nvalues

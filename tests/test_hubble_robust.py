@@ -198,3 +198,21 @@ def test_replay_cli_serves_demo_on_unix_socket(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert b"replaying" in out
+
+
+def test_lost_events_and_node_status_notices_are_counted(tmp_path: Path) -> None:
+    lines = (FIXTURES / "basic-sample-10-flows.json").read_text().splitlines()
+    notices = [
+        '{"lost_events":{"source":"HUBBLE_RING_BUFFER","num_events_lost":"3"},"time":"2021-06-16T16:52:13.2Z"}',
+        '{"lost_events":{"source":"PERF_EVENT_RING_BUFFER","num_events_lost":"5"},"time":"2021-06-16T16:52:13.3Z"}',
+        '{"node_status":{"state_change":"NODE_UNAVAILABLE","node_names":["n2"]},"time":"2021-06-16T16:52:13.4Z"}',
+    ]
+    path = tmp_path / "with-notices.json"
+    path.write_text("\n".join(lines[:5] + notices + lines[5:]) + "\n")
+    with relay(load_flows(str(path))) as (_, addr), agent(base_config(addr)) as h:
+        settle(h, 10)
+        wait_for(lambda: h.stream.stats.received == 13, 10, "all 13 messages")
+        fams = {f.name: {s.labels: s.value for s in f.samples} for f in h.collect()}
+        assert fams["tfo_agent_hubble_lost_events"] == {("HUBBLE_RING_BUFFER",): 3, ("PERF_EVENT_RING_BUFFER",): 5}
+        assert fams["tfo_agent_hubble_node_status_events"] == {("NODE_UNAVAILABLE",): 1}
+        assert sum(fams["hubble_flows"].values()) == 10

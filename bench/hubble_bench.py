@@ -1,6 +1,6 @@
 """Hubble benchmark: agent CPU per flow, next to receive-only and decode-only, in the same run.
 
-    python bench/hubble_bench.py [--flows 200000] [--soak SECONDS --soak-rate 5000]
+Run: .venv/bin/python -m bench.hubble_bench [--flows 200000] [--rounds 2] [--soak SECONDS --soak-rate 5000]
 
 This process runs the replay relay (demo flows, ~250-330 bytes each) on loopback. Each measurement
 is a fresh child process that streams all flows once with the agent's own GetFlows request
@@ -20,12 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from agent.hubble.client import FIELD_MASK
+from agent.hubble.demo import demo_flows
+from agent.hubble.replay import ReplayRelay, to_records
 
-from agent.hubble.client import FIELD_MASK  # noqa: E402
-from agent.hubble.demo import demo_flows  # noqa: E402
-from agent.hubble.replay import ReplayRelay, to_records  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -96,7 +95,7 @@ def rss_mib(pid: int) -> float:
 
 def spawn(mode: str, addr: str, flows: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, __file__, "--child", mode, "--addr", addr, "--flows", str(flows)],
+        [sys.executable, "-m", "bench.hubble_bench", "--child", mode, "--addr", addr, "--flows", str(flows)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -16,7 +16,11 @@ import time
 from collections import deque
 from typing import Any, Optional
 
+import grpc
+
 from agent.config import CiliumConfig, ConfigError
+from agent.hubble.aggregator import Aggregator, Groups, namespace_rule
+from agent.hubble.client import RECONNECT, FlowStream
 from agent.registry import Kind, MetricFamily
 
 log = logging.getLogger(__name__)
@@ -44,13 +48,11 @@ def _read(key: str, path: str) -> bytes:
         raise ConfigError(f"{KEY}.{key}: expected a readable file, found {path!r} ({why})") from None
 
 
-def channel_security(cfg: CiliumConfig) -> tuple[Optional[Any], list[tuple[str, str]]]:
+def channel_security(cfg: CiliumConfig) -> tuple[Optional[grpc.ChannelCredentials], list[tuple[str, str]]]:
     """gRPC credentials and options for ``hubble_address``; raises ConfigError on unusable TLS files.
 
     ``unix://`` addresses (the node's own hubble.sock) are always plaintext, as Cilium serves them.
     """
-    import grpc
-
     if cfg.hubble_address.startswith("unix://") or not cfg.hubble_tls_enabled:
         return None, []
     ca = _read("hubble_tls_ca", cfg.hubble_tls_ca) if cfg.hubble_tls_ca else None
@@ -69,9 +71,6 @@ class HubbleIntegration:
     name = "hubble"
 
     def __init__(self, cfg: CiliumConfig) -> None:
-        from agent.hubble.aggregator import Aggregator, Groups, namespace_rule
-        from agent.hubble.client import FlowStream
-
         self.cfg = cfg
         self.node_name, self.node_source = resolve_node_name(cfg)
         self.unix = cfg.hubble_address.startswith("unix://")
@@ -126,8 +125,6 @@ class HubbleIntegration:
             self._thread.join(timeout=5)
 
     def _aggregate(self) -> None:
-        from agent.hubble.client import RECONNECT
-
         window = self.cfg.aggregation_window
         deadline = time.monotonic() + window
         q, agg = self.queue, self.aggregator

@@ -1,8 +1,10 @@
 """Generate the Python protobuf/gRPC modules for the Hubble API subset.
 
-Run at build time: ``python -m agent.hubble.build_protos``. Writes ``agent/hubble/proto_gen/``
-(git-ignored) from ``agent/hubble/protos/*.proto`` with grpcio-tools, then rewrites the generated
-absolute imports (``from flow import flow_pb2``) into package imports.
+Run at build time: ``python agent/hubble/build_protos.py`` (by path: it needs only grpcio-tools,
+while ``-m`` would import the ``agent.hubble`` package, which builds on import when it must).
+Writes ``agent/hubble/proto_gen/`` (git-ignored) from ``agent/hubble/protos/*/*.proto`` with
+grpcio-tools, then rewrites the generated absolute imports (``from flow import flow_pb2``) into
+package imports.
 """
 
 from __future__ import annotations

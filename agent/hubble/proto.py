@@ -1,4 +1,5 @@
-"""The generated Hubble API modules (see ``build_protos``), built on first use when missing."""
+"""The generated Hubble API modules (see ``build_protos``), built on first use when missing or
+generated for another protobuf runtime (which refuses gencode newer than itself)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ def _load(name: str) -> ModuleType:
 
 try:
     flow_pb2 = _load("flow.flow_pb2")
-except ImportError:  # a source checkout that skipped the build step: build now, once
+except Exception:  # not built yet, or built by a newer protoc than this protobuf runtime: build now
     from agent.hubble.build_protos import build
 
     try:
         build()
     except ImportError:
         raise ImportError(
-            "Hubble protobuf modules are missing: run 'python -m agent.hubble.build_protos' (needs grpcio-tools)"
+            "Hubble protobuf modules are missing: run 'python agent/hubble/build_protos.py' (needs grpcio-tools)"
         ) from None
     importlib.invalidate_caches()
     flow_pb2 = _load("flow.flow_pb2")

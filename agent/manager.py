@@ -150,11 +150,7 @@ class IntegrationManager:
         """Start collectors, then exporters (an unusable listen address raises OSError)."""
         self._report_unavailable()
         if self.cfg.ebpf.enabled:
-            host.raise_memlock()
-            for target, fstype in ((host.BPFFS, "bpf"), (host.TRACEFS, "tracefs")):
-                state = host.ensure_mounted(target, fstype)
-                if not state.startswith("mounted"):
-                    log.warning("%s at %s: %s", fstype, target, state)
+            self._prepare_host()
         with self._lock:
             self._apply_collectors(self.cfg, restart_ebpf=False)
         self.registry.register(self)
@@ -162,6 +158,15 @@ class IntegrationManager:
         self._start_otlp(self.cfg)
         self._thread = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _prepare_host() -> None:
+        """What BPF needs from the host: memlock (old kernels), bpffs and tracefs mounted."""
+        host.raise_memlock()
+        for target, fstype in ((host.BPFFS, "bpf"), (host.TRACEFS, "tracefs")):
+            state = host.ensure_mounted(target, fstype)
+            if not state.startswith("mounted"):
+                log.warning("%s at %s: %s", fstype, target, state)
 
     def stop(self) -> None:
         """Stop exporters (OTLP sends a last batch), then detach every program; pinned maps stay."""
@@ -299,6 +304,8 @@ class IntegrationManager:
             self._report_unavailable()
             ebpf_paths = ("programs_path", "pin_path", "btf_path")
             restart_ebpf = any(getattr(old.ebpf, k) != getattr(new.ebpf, k) for k in ebpf_paths)
+            if new.ebpf.enabled and not old.ebpf.enabled:
+                self._prepare_host()
             if self.filters.update(new.ebpf):
                 changes.append("filters")
             changes += self._apply_collectors(new, restart_ebpf, restart_hubble=old.ebpf.cilium != new.ebpf.cilium)

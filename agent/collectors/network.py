@@ -11,7 +11,7 @@ import os
 import struct
 from collections.abc import Iterable
 
-from agent.collectors import BpfCollector, log2_histogram, sum_percpu_u64
+from agent.collectors import DEFAULT_MODES, BpfCollector, log2_histogram, sum_percpu_u64
 from agent.filters import UNIT
 from agent.registry import Kind, MetricFamily
 
@@ -84,6 +84,7 @@ class NetworkCollector(TcpStateCollector):
     name = "network"
     switch = "collect_network"
     pinned = ("traffic", "connect_latency", "retransmits")
+    modes = (("tp_btf", "tpbtf_"), *DEFAULT_MODES)  # tp_btf reads socket fields without helpers
 
     def read(self) -> Iterable[MetricFamily]:
         assert self.obj is not None
@@ -115,8 +116,7 @@ class NetworkCollector(TcpStateCollector):
         rtt = MetricFamily(
             "ebpf_tcp_rtt_seconds",
             Kind.GAUGE,
-            "Mean smoothed RTT over established TCP sockets of observed processes, "
-            "each as of its latest send/receive.",
+            "Mean smoothed RTT over established TCP sockets of observed processes, each as of its latest send/receive.",
         )
         raw = self.obj.map("rtt_sum").lookup(_ZERO)
         sum_us, sockets = struct.unpack_from("<qq", raw) if raw else (0, 0)

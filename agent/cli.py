@@ -46,6 +46,7 @@ def setup_logging(cfg: config.LoggingConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # library warnings go through the same handler and format
     # The OTLP SDK logs every failed attempt; the agent reports the first failure and the recovery.
     logging.getLogger("opentelemetry").setLevel(level if level <= logging.DEBUG else logging.CRITICAL)
 

@@ -8,16 +8,19 @@ still, so an OTLP batch sent afterwards and a Prometheus scrape must agree exact
 from __future__ import annotations
 
 import gzip
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import grpc
 import pytest
+import trustme
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from prometheus_client.utils import floatToGoString
@@ -70,10 +73,13 @@ class GrpcReceiver(Receiver, metrics_service_pb2_grpc.MetricsServiceServicer):
         self.record(request, dict(context.invocation_metadata()))
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
-    def start(self) -> None:
+    def start(self, credentials: Optional[grpc.ServerCredentials] = None) -> None:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(self, self.server)
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        if credentials:
+            self.server.add_secure_port(f"127.0.0.1:{self.port}", credentials)
+        else:
+            self.server.add_insecure_port(f"127.0.0.1:{self.port}")
         self.server.start()
 
     def stop(self) -> None:
@@ -85,7 +91,7 @@ class GrpcReceiver(Receiver, metrics_service_pb2_grpc.MetricsServiceServicer):
 class HttpReceiver(Receiver):
     """A minimal OTLP/HTTP receiver: POST /v1/metrics with a protobuf body (gzip or not)."""
 
-    def start(self) -> None:
+    def start(self, ssl_context: Optional[ssl.SSLContext] = None) -> None:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -109,11 +115,22 @@ class HttpReceiver(Receiver):
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if ssl_context:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def server_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, trustme.LeafCert, Path]:
+    """A test CA, a certificate for 127.0.0.1 and the CA's PEM file."""
+    ca = trustme.CA()
+    ca_file = tmp_path_factory.mktemp("otlp-ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return ca, ca.issue_cert("127.0.0.1"), ca_file
 
 
 @pytest.fixture
@@ -296,3 +313,42 @@ def test_conversion_keeps_bounds_and_exact_totals() -> None:
     assert metrics["ops"].data.is_monotonic and metrics["ops"].data.data_points[0].value == 3.0
     assert metrics["temp"].data.data_points[0].value == 1.5
     assert integer_buckets([0.5, 0.5, 0.5, 0.5]) == [0, 1, 1, 0]
+
+
+def test_grpc_over_tls_with_ca_file(
+    agent_factory: Callable[..., Agent], server_cert: tuple[trustme.CA, trustme.LeafCert, Path]
+) -> None:
+    _, cert, ca_file = server_cert
+    receiver = GrpcReceiver()
+    key_chain = cert.private_key_pem.bytes(), b"".join(c.bytes() for c in cert.cert_chain_pems)
+    receiver.start(grpc.ssl_server_credentials([key_chain]))
+    try:
+        tls = {"enabled": True, "ca_file": str(ca_file)}
+        name = f"tfootlp{uuid.uuid4().hex[:6]}"
+        agent = otlp_agent(agent_factory, {"endpoint": f"127.0.0.1:{receiver.port}", "tls": tls}, name)
+        getppid_workload(name, 100)
+        assert getppid_count(receiver.wait_after(time.monotonic())) == 100
+        assert agent.get("/readyz")[0] == 200
+    finally:
+        receiver.stop()
+
+
+def test_http_over_tls_insecure_skip_verify(
+    agent_factory: Callable[..., Agent], server_cert: tuple[trustme.CA, trustme.LeafCert, Path]
+) -> None:
+    _, cert, _ = server_cert
+    receiver = HttpReceiver()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    receiver.start(context)
+    try:
+        otlp = {"protocol": "http/protobuf", "endpoint": f"127.0.0.1:{receiver.port}"}
+        # Without the CA the certificate is refused; skipping verification (explicitly) delivers.
+        untrusted = otlp_agent(agent_factory, {**otlp, "tls": {"enabled": True}}, "tfonobody")
+        assert wait_for(lambda: untrusted.value("tfo_agent_otlp_exports_total", result="failure") >= 1, 10)
+        assert receiver.count == 0
+        agent = otlp_agent(agent_factory, {**otlp, "tls": {"enabled": True, "insecure_skip_verify": True}}, "tfonobody")
+        receiver.wait_after(time.monotonic())
+        assert agent.value("tfo_agent_otlp_exports_total", result="success") >= 1
+    finally:
+        receiver.stop()

@@ -18,11 +18,13 @@ import platform
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import grpc
 import requests
+import urllib3
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
@@ -164,7 +166,11 @@ def build_sdk_exporter(cfg: OtlpConfig) -> MetricExporter:
             compression=grpc.Compression.Gzip if cfg.compression == "gzip" else grpc.Compression.NoCompression,
         )
     base = cfg.endpoint if "://" in cfg.endpoint else ("https://" if tls.enabled else "http://") + cfg.endpoint
-    session = _NoVerifySession() if tls.enabled and tls.insecure_skip_verify else requests.Session()
+    session = requests.Session()
+    if tls.enabled and tls.insecure_skip_verify:
+        log.warning("OTLP endpoint %s: TLS certificate verification is off (insecure_skip_verify)", base)
+        warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)  # said once, above
+        session = _NoVerifySession()
     return HttpExporter(
         endpoint=base.rstrip("/") + "/v1/metrics",
         certificate_file=(tls.ca_file or None) if tls.enabled else None,

@@ -2,7 +2,8 @@
 
 The workload is a Python process that renames itself (so ``process_filter`` selects it alone) and
 makes a known number of getppid calls, then exits: from then on the agent's syscall series are
-still, so an OTLP batch sent afterwards and a Prometheus scrape must agree exactly.
+still, so an OTLP batch sent afterwards and a Prometheus scrape must agree exactly. Receiver
+fixtures come before ``agent_factory`` so they outlive the agents (which send a last batch on stop).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def getppid_count(request: Any) -> float:
     return next((p.as_double for p in points if attrs(p.attributes) == {"syscall": "getppid"}), 0.0)
 
 
-def test_grpc_export_agrees_with_prometheus(agent_factory: Callable[..., Agent], grpc_receiver: GrpcReceiver) -> None:
+def test_grpc_export_agrees_with_prometheus(grpc_receiver: GrpcReceiver, agent_factory: Callable[..., Agent]) -> None:
     name = f"tfootlp{uuid.uuid4().hex[:6]}"
     agent = otlp_agent(
         agent_factory,
@@ -234,7 +235,7 @@ def test_grpc_export_agrees_with_prometheus(agent_factory: Callable[..., Agent],
     assert scrape[("tfo_agent_otlp_exports_total", frozenset({("result", "success")}))] >= 1
 
 
-def test_http_export_agrees_with_prometheus(agent_factory: Callable[..., Agent], http_receiver: HttpReceiver) -> None:
+def test_http_export_agrees_with_prometheus(http_receiver: HttpReceiver, agent_factory: Callable[..., Agent]) -> None:
     name = f"tfootlp{uuid.uuid4().hex[:6]}"
     agent = otlp_agent(
         agent_factory,
@@ -259,7 +260,7 @@ def rss_kb(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def test_receiver_outage(agent_factory: Callable[..., Agent], grpc_receiver: GrpcReceiver) -> None:
+def test_receiver_outage(grpc_receiver: GrpcReceiver, agent_factory: Callable[..., Agent]) -> None:
     """Receiver down 30 s: /metrics keeps serving, memory stays bounded, nothing counted is lost."""
     name = f"tfootlp{uuid.uuid4().hex[:6]}"
     agent = otlp_agent(agent_factory, {"endpoint": f"127.0.0.1:{grpc_receiver.port}", "max_backoff": "4s"}, name)

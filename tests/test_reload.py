@@ -6,6 +6,7 @@ are the same before and after the reload.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import uuid
@@ -68,9 +69,8 @@ def test_valid_reload_applies_without_detach_or_reset(agent_factory: Callable[..
     links = link_ids(agent)
     assert links
 
-    agent.write_config(
-        {"integrations": {"ebpf": {"collect_file_io": False, "exclude_processes": ["tfo-agent", "systemd", excluded]}}}
-    )
+    ebpf = {"collect_file_io": False, "exclude_processes": ["tfo-agent", "systemd", excluded]}
+    agent.write_config({"integrations": {"ebpf": ebpf}, "logging": {"format": "json"}})
     reload(agent, "success")
     after = link_ids(agent)
     # Nothing (re)attached: link ids only grow, so every remaining link is one from before.
@@ -81,7 +81,8 @@ def test_valid_reload_applies_without_detach_or_reset(agent_factory: Callable[..
     getppid_workload(kept, N)
     getppid_workload(excluded, N)  # excluded now: not counted
     assert getppid(agent) == 3 * N
-    assert "reloaded" in agent.log() and "filters" in agent.log()
+    entries = [json.loads(line) for line in agent.log().splitlines() if line.startswith("{")]  # now JSON lines
+    assert any(e["level"] == "info" and e["msg"].startswith("reloaded") and "filters" in e["msg"] for e in entries)
 
 
 def test_collector_switched_off_and_on_keeps_counters(agent_factory: Callable[..., Agent]) -> None:

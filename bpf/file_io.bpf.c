@@ -14,10 +14,11 @@ enum { V_READ_BYTES, V_WRITE_BYTES, V_OPENS };
 #define S_IFREG 0100000
 #define TS_COMPAT 0x0002 /* x86: the task is in a 32-bit syscall (other numbers) */
 #if defined(__TARGET_ARCH_arm64)
-#define SYSCALL_NR(regs) BPF_CORE_READ(regs, syscallno)
+#define SYSCALL_NR_FIELD syscallno
 #else
-#define SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
+#define SYSCALL_NR_FIELD orig_ax
 #endif
+#define SYSCALL_NR(regs) ((regs)->SYSCALL_NR_FIELD)
 
 /* Latency per operation (index FOP_READ-1 .. FOP_OPEN-1). */
 struct {
@@ -71,11 +72,12 @@ static __always_inline __u32 file_op(long id)
 	}
 }
 
+/* task is the current task as a BTF pointer: its fields are plain loads, no helper calls. */
 static __always_inline bool in_compat_syscall(struct task_struct *task)
 {
 #if defined(__TARGET_ARCH_x86)
 	if (bpf_core_field_exists(task->thread_info.status))
-		return BPF_CORE_READ(task, thread_info.status) & TS_COMPAT;
+		return task->thread_info.status & TS_COMPAT;
 #endif
 	return false;
 }
@@ -83,30 +85,22 @@ static __always_inline bool in_compat_syscall(struct task_struct *task)
 /* Does the task's descriptor fd refer to a regular file? */
 static __always_inline bool fd_is_regular(struct task_struct *task, long fd)
 {
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	struct file **fds;
+	struct fdtable *fdt = task->files->fdt;
 	struct file *f = NULL;
-	umode_t mode;
 
-	if (!fdt || fd < 0 || fd >= BPF_CORE_READ(fdt, max_fds))
+	if (fd < 0 || fd >= fdt->max_fds)
 		return false;
-	fds = BPF_CORE_READ(fdt, fd);
-	bpf_core_read(&f, sizeof(f), &fds[fd]);
-	if (!f)
-		return false;
-	mode = BPF_CORE_READ(f, f_inode, i_mode);
-	return (mode & S_IFMT) == S_IFREG;
+	/* the descriptor array is not a BTF type: read the slot, then the file through helpers */
+	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);
+	return f && (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFREG;
 }
 
 static __always_inline int on_enter(long id, long fd)
 {
-	struct task_struct *task;
+	struct task_struct *task = bpf_get_current_task_btf();
 	struct tfo_task *t;
 	__u32 op = file_op(id);
 
-	if (op == FOP_NONE)
-		return 0;
-	task = bpf_get_current_task_btf();
 	if (in_compat_syscall(task))
 		return 0;
 	t = tfo_task_observed(task);
@@ -120,18 +114,15 @@ static __always_inline int on_enter(long id, long fd)
 	return 0;
 }
 
-static __always_inline int on_exit(long id, long ret)
+static __always_inline int on_exit(long ret)
 {
-	struct task_struct *task;
+	struct task_struct *task = bpf_get_current_task_btf();
 	struct tfo_comm_val *v;
 	struct tfo_hist *h;
 	struct tfo_task *t;
 	__u64 start, w;
 	__u32 op, idx;
 
-	if (file_op(id) == FOP_NONE)
-		return 0;
-	task = bpf_get_current_task_btf();
 	t = bpf_task_storage_get(&tfo_tasks, task, 0, 0);
 	if (!t || !t->ts)
 		return 0;
@@ -157,28 +148,43 @@ static __always_inline int on_exit(long id, long ret)
 	return 0;
 }
 
+/* Every syscall passes here: the programs test the syscall number before reading anything else. */
+SEC("tp_btf/sys_enter")
+int BPF_PROG(tpbtf_sys_enter, struct pt_regs *regs, long id)
+{
+	return file_op(id) ? on_enter(id, PT_REGS_PARM1_CORE_SYSCALL(regs)) : 0;
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(tpbtf_sys_exit, struct pt_regs *regs, long ret)
+{
+	long id = SYSCALL_NR(regs); /* a direct load: regs is a BTF pointer here */
+
+	return file_op(id) ? on_exit(ret) : 0;
+}
+
 SEC("raw_tp/sys_enter")
 int BPF_PROG(raw_sys_enter, struct pt_regs *regs, long id)
 {
-	return on_enter(id, PT_REGS_PARM1_CORE_SYSCALL(regs));
+	return file_op(id) ? on_enter(id, PT_REGS_PARM1_CORE_SYSCALL(regs)) : 0;
 }
 
 SEC("raw_tp/sys_exit")
 int BPF_PROG(raw_sys_exit, struct pt_regs *regs, long ret)
 {
-	return on_exit(SYSCALL_NR(regs), ret);
+	return file_op(BPF_CORE_READ(regs, SYSCALL_NR_FIELD)) ? on_exit(ret) : 0;
 }
 
 SEC("tracepoint/raw_syscalls/sys_enter")
 int tp_sys_enter(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->id, ctx->args[0]);
+	return file_op(ctx->id) ? on_enter(ctx->id, ctx->args[0]) : 0;
 }
 
 SEC("tracepoint/raw_syscalls/sys_exit")
 int tp_sys_exit(struct trace_event_raw_sys_exit *ctx)
 {
-	return on_exit(ctx->id, ctx->ret);
+	return file_op(ctx->id) ? on_exit(ctx->ret) : 0;
 }
 
 TFO_FILTER_PROGRAMS

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
+from agent.collectors import DEFAULT_MODES
 from agent.collectors.comm_cap import COMM_MAPS, CommCollector, CommFamily, add_ns_histogram
 from agent.registry import Kind, MetricFamily
 
@@ -23,6 +24,7 @@ class FileIoCollector(CommCollector):
 
     name = "file_io"
     switch = "collect_file_io"
+    modes = (("tp_btf", "tpbtf_"), *DEFAULT_MODES)  # tp_btf reads the syscall number without a helper call
     pinned = (*COMM_MAPS, "file_latency")
     comm_values = 3
     comm_families = (

@@ -8,18 +8,15 @@
  * counters, credited as deltas whenever an observed process sends or receives on it and once more
  * when the socket reaches CLOSE. The socket table is created when a socket becomes ESTABLISHED, so
  * deltas start at the socket's first segment; sockets older than the collector count from their
- * first observation. The same table holds each socket's srtt for the RTT gauge.
+ * first observation. The same table holds each socket's srtt for the RTT gauge; it is
+ * socket-local storage in tp_btf mode, a hash keyed by socket address otherwise.
  *
  * Three attach modes share one body: tp_btf (preferred: typed pointers, so kernel fields are
  * plain loads; `direct` is true), raw_tp and classic tracepoints (bpf_probe_read_kernel, about
  * 50 ns per field here). `direct` is a constant in each program, so the other branch folds away. */
 #include "tcp_state.bpf.h"
 
-/* A kernel field: a plain load from a tp_btf program's typed pointer, else a CO-RE probe read. */
-#define RD(direct, p, f) ((direct) ? (p)->f : BPF_CORE_READ(p, f))
-
 #define MSG_PEEK 2
-#define E2BIG 7
 #define MAX_SOCKS 65536
 #define SK_UNKNOWN 0  /* no process seen on the socket yet */
 #define SK_OBSERVED 1 /* a process passing the filters uses it */
@@ -50,7 +47,15 @@ struct tcp_sk {
 	__u64 verdict;  /* SK_* */
 };
 
-/* Key: struct sock address. */
+/* The socket table: socket-local storage in tp_btf programs (no hashing, freed with the socket),
+ * a hash keyed by the struct sock address in the other modes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct tcp_sk);
+} tcp_sk_store SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -58,6 +63,42 @@ struct {
 	__type(key, __u64);
 	__type(value, struct tcp_sk);
 } tcp_socks SEC(".maps");
+
+static __always_inline struct tcp_sk *sk_entry(const struct sock *sk, bool direct)
+{
+	__u64 key = (__u64)sk;
+
+	if (direct)
+		return bpf_sk_storage_get(&tcp_sk_store, (void *)sk, 0, 0);
+	return bpf_map_lookup_elem(&tcp_socks, &key);
+}
+
+/* The socket's entry, created from *init if it has none (NULL when there is no room). */
+static __always_inline struct tcp_sk *sk_entry_create(const struct sock *sk, struct tcp_sk *init, bool direct)
+{
+	__u64 key = (__u64)sk;
+	struct tcp_sk *e;
+
+	if (direct) {
+		e = bpf_sk_storage_get(&tcp_sk_store, (void *)sk, init, BPF_SK_STORAGE_GET_F_CREATE);
+	} else {
+		bpf_map_update_elem(&tcp_socks, &key, init, BPF_NOEXIST);
+		e = bpf_map_lookup_elem(&tcp_socks, &key);
+	}
+	if (!e)
+		tfo_count_map_full();
+	return e;
+}
+
+static __always_inline void sk_entry_delete(const struct sock *sk, bool direct)
+{
+	__u64 key = (__u64)sk;
+
+	if (direct)
+		bpf_sk_storage_delete(&tcp_sk_store, (void *)sk);
+	else
+		bpf_map_delete_elem(&tcp_socks, &key);
+}
 
 struct rtt_sum {
 	__s64 sum_us;  /* sum of srtt over the sockets in the gauge */
@@ -166,14 +207,13 @@ static __always_inline void rtt_remove(struct tcp_sk *e)
 static __always_inline void tcp_observe(const struct sock *sk, bool direct)
 {
 	const struct tcp_sock *tp = tcp_of(sk, direct);
-	__u64 key = (__u64)sk;
 	struct tcp_sk *e;
 	int state;
 
 	if (!tp)
 		return;
 	state = RD(direct, sk, __sk_common.skc_state);
-	e = bpf_map_lookup_elem(&tcp_socks, &key);
+	e = sk_entry(sk, direct);
 	if (!e) {
 		/* Established before the collector started: count from now on. */
 		struct tcp_sk fresh = {
@@ -183,9 +223,7 @@ static __always_inline void tcp_observe(const struct sock *sk, bool direct)
 		};
 		if (state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT)
 			return;
-		if (bpf_map_update_elem(&tcp_socks, &key, &fresh, BPF_NOEXIST))
-			tfo_count_map_full();
-		e = bpf_map_lookup_elem(&tcp_socks, &key);
+		e = sk_entry_create(sk, &fresh, direct);
 		if (!e)
 			return;
 	}
@@ -209,8 +247,8 @@ static __always_inline int on_msg(const struct sock *sk, int ret, int flags, __u
 
 	if (ret < 0 || !sk || (dir == RECEIVED && (flags & MSG_PEEK)))
 		return 0;
-	proto = direct ? sk->sk_protocol : BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol);
-	type = direct ? sk->sk_type : BPF_CORE_READ_BITFIELD_PROBED(sk, sk_type);
+	proto = RD_BITFIELD(direct, sk, sk_protocol);
+	type = RD_BITFIELD(direct, sk, sk_type);
 	if (proto == IPPROTO_TCP && type == SOCK_STREAM)
 		p = TCP;
 	else if (proto == IPPROTO_UDP && type == SOCK_DGRAM)
@@ -219,8 +257,7 @@ static __always_inline int on_msg(const struct sock *sk, int ret, int flags, __u
 		return 0;
 	if (!tfo_task_observed(task)) {
 		if (p == TCP) {
-			__u64 key = (__u64)sk;
-			struct tcp_sk *e = bpf_map_lookup_elem(&tcp_socks, &key);
+			struct tcp_sk *e = sk_entry(sk, direct);
 			if (e && e->verdict == SK_UNKNOWN)
 				e->verdict = SK_IGNORED;
 		}
@@ -244,7 +281,7 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	__u64 key = (__u64)sk, *start;
 	struct tcp_sk *e;
 
-	if (!tfo_is_tcp_stream(sk))
+	if (!tfo_is_tcp_stream(sk, direct))
 		return 0;
 	tfo_established_update(oldstate, newstate);
 
@@ -268,11 +305,10 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 
 	if (newstate == TCP_ESTABLISHED) {
 		struct tcp_sk fresh = {}; /* count from the socket's first segment */
-		if (bpf_map_update_elem(&tcp_socks, &key, &fresh, BPF_NOEXIST) == -E2BIG)
-			tfo_count_map_full();
+		sk_entry_create(sk, &fresh, direct);
 		return 0;
 	}
-	e = bpf_map_lookup_elem(&tcp_socks, &key);
+	e = sk_entry(sk, direct);
 	if (!e)
 		return 0;
 	if (oldstate == TCP_ESTABLISHED)
@@ -282,7 +318,7 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 		if (tp && e->verdict == SK_OBSERVED)
 			credit_socket(tp, e, direct);
 		rtt_remove(e);
-		bpf_map_delete_elem(&tcp_socks, &key);
+		sk_entry_delete(sk, direct);
 	}
 	return 0;
 }

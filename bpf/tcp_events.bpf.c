@@ -33,7 +33,7 @@ static __always_inline bool was_connected(int state)
 
 static __always_inline int on_state(const struct sock *sk, int oldstate, int newstate)
 {
-	if (!tfo_is_tcp_stream(sk))
+	if (!tfo_is_tcp_stream(sk, false))
 		return 0;
 	tfo_established_update(oldstate, newstate);
 	if (newstate == TCP_SYN_SENT) {

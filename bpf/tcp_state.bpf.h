@@ -15,10 +15,14 @@ struct {
 	__type(value, __s64);
 } tcp_established SEC(".maps");
 
-static __always_inline bool tfo_is_tcp_stream(const struct sock *sk)
+/* A kernel field: a plain load from a tp_btf program's typed pointer (`direct`, a constant in
+ * each program so the other branch folds away), else a CO-RE probe read. */
+#define RD(direct, p, f) ((direct) ? (p)->f : BPF_CORE_READ(p, f))
+#define RD_BITFIELD(direct, p, f) ((direct) ? (p)->f : BPF_CORE_READ_BITFIELD_PROBED(p, f))
+
+static __always_inline bool tfo_is_tcp_stream(const struct sock *sk, bool direct)
 {
-	return BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) == IPPROTO_TCP &&
-	       BPF_CORE_READ_BITFIELD_PROBED(sk, sk_type) == SOCK_STREAM;
+	return RD_BITFIELD(direct, sk, sk_protocol) == IPPROTO_TCP && RD_BITFIELD(direct, sk, sk_type) == SOCK_STREAM;
 }
 
 static __always_inline void tfo_established_update(int oldstate, int newstate)

@@ -19,6 +19,7 @@ from agent.collectors.network import NetworkCollector, TcpStateCollector
 from agent.collectors.tcp_events import TcpEventsCollector
 from agent.config import EbpfConfig
 from agent.filters import Filters
+from agent.registry import HistogramSample
 from tests.conftest import BPF_DIR, Agent, Series, wait_for
 from tests.netload import CLIENT, SINK, UDP, netns_pair, nstat, run, spawn, unique
 
@@ -234,16 +235,30 @@ def test_promtool_accepts_output(agent_factory: Callable[..., Agent]) -> None:
     assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("cls", [NetworkCollector, TcpEventsCollector])
-@pytest.mark.parametrize("mode", NetworkCollector.modes)
-def test_every_attach_mode_loads(cls: type[TcpStateCollector], mode: tuple[str, str]) -> None:
-    """Each mode's programs pass the verifier and attach here (the fallback must not rot)."""
-    cfg = replace(EbpfConfig(), programs_path=str(BPF_DIR))
+@pytest.mark.parametrize(
+    ("cls", "mode"), [(cls, mode) for cls in (NetworkCollector, TcpEventsCollector) for mode in cls.modes]
+)
+def test_every_attach_mode_counts(cls: type[TcpStateCollector], mode: tuple[str, str]) -> None:
+    """Each mode's programs pass the verifier, attach, and count one connection exactly (the
+    fallbacks must not rot): collectors run in this process, selecting the workload by name."""
+    name = unique("tfom")
+    cfg = replace(EbpfConfig(), programs_path=str(BPF_DIR), process_filter=(name,))
     collector = cls(cfg, Filters.from_config(cfg))
     collector.modes = (mode,)
     collector.start(pin=False)
     try:
         assert collector.attach_type == mode[0]
-        assert collector.collect()
+        sink = spawn(name, SINK, host="127.0.0.1", conns=1)
+        spawn(name, CLIENT, host="127.0.0.1", port=sink.line()["port"], conns=1, nbytes=MiB).finish()
+        assert sink.finish()["received"] == MiB
+        samples = [(f.name, s) for f in collector.collect() for s in f.samples]
     finally:
         collector.stop()
+    got = {(n, s.labels): s.count if isinstance(s, HistogramSample) else s.value for n, s in samples}
+    if cls is TcpEventsCollector:
+        assert got[("ebpf_tcp_opens", ("active",))] == 1
+        return
+    for direction in ("sent", "received"):
+        assert got[("ebpf_network_bytes", (direction, "tcp"))] == MiB
+        assert got[("ebpf_network_packets", (direction, "tcp"))] > 0
+    assert got[("ebpf_tcp_connect_latency_seconds", ())] == 1

@@ -1,0 +1,250 @@
+"""Loopback TCP cost of the agent: bulk throughput (64 KiB and 1 KiB writes) and connection rate.
+
+Configurations, interleaved round by round (one agent at a time, started before and stopped after
+each configuration's workloads): untraced; the network + tcp_events collectors alone; the seed's
+default collectors (syscalls, network, file I/O, tcp events); the defaults plus scheduler and
+memory. Each workload is a C sender and receiver on 127.0.0.1 running for a fixed time; the figure
+is the median over the rounds, and the loss is relative to the untraced median, both per
+wall-clock second (throughput) and per CPU second the workload's processes used (throughput at
+equal CPU: robust when other work shares the machine; softirq work on loopback is charged to them).
+
+Run: .venv/bin/python -m bench.bench_network [--rounds 5] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from tests.conftest import Agent
+
+WORKLOAD = r"""
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static int listener(struct sockaddr_in *addr) {
+    socklen_t len = sizeof(*addr);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    addr->sin_family = AF_INET;
+    addr->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr->sin_port = 0;
+    if (bind(s, (struct sockaddr *)addr, sizeof(*addr)) || listen(s, 4096) ||
+        getsockname(s, (struct sockaddr *)addr, &len))
+        exit(2);
+    return s;
+}
+
+static int dial(struct sockaddr_in *addr) {
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(c, (struct sockaddr *)addr, sizeof(*addr)))
+        exit(3);
+    return c;
+}
+
+/* bulk <msg bytes> <seconds>: bytes per second from a sender to a receiving child. */
+static void bulk(long msg, double secs) {
+    static char buf[1 << 18];
+    struct sockaddr_in addr;
+    int l = listener(&addr);
+    long long total = 0;
+    pid_t pid = fork();
+    if (pid == 0) {
+        int c = accept(l, NULL, NULL);
+        while (read(c, buf, sizeof(buf)) > 0)
+            ;
+        _exit(0);
+    }
+    int c = dial(&addr);
+    double t0 = now(), t = t0;
+    while (t - t0 < secs) {
+        for (int i = 0; i < 64; i++) {
+            ssize_t n = write(c, buf, msg);
+            if (n <= 0)
+                exit(4);
+            total += n;
+        }
+        t = now();
+    }
+    close(c);
+    waitpid(pid, NULL, 0);
+    printf("%.0f %lld\n", total / (t - t0), total);
+}
+
+/* crr <seconds>: connect, 1-byte request, 1-byte response, close; connections per second.
+ * The client aborts (SO_LINGER 0) so that TIME-WAIT does not exhaust the ephemeral ports. */
+static void crr(double secs) {
+    struct sockaddr_in addr;
+    struct linger lg = {1, 0};
+    char b = 0;
+    long n = 0;
+    int l = listener(&addr);
+    pid_t pid = fork();
+    if (pid == 0) {
+        for (;;) {
+            int c = accept(l, NULL, NULL);
+            if (read(c, &b, 1) == 1)
+                write(c, &b, 1);
+            close(c);
+        }
+    }
+    double t0 = now(), t = t0;
+    while (t - t0 < secs) {
+        int c = dial(&addr);
+        if (write(c, &b, 1) != 1 || read(c, &b, 1) != 1)
+            exit(5);
+        setsockopt(c, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        close(c);
+        n++;
+        t = now();
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    printf("%.0f %ld\n", n / (t - t0), n);
+}
+
+int main(int argc, char **argv) {
+    signal(SIGPIPE, SIG_IGN);
+    if (argc == 4 && !strcmp(argv[1], "bulk"))
+        bulk(atol(argv[2]), atof(argv[3]));
+    else if (argc == 3 && !strcmp(argv[1], "crr"))
+        crr(atof(argv[2]));
+    else
+        return 1;
+    return 0;
+}
+"""
+
+DEFAULTS = {"collect_syscalls": True, "collect_network": True, "collect_file_io": True, "collect_tcp_events": True}
+CONFIGS: dict[str, Optional[dict[str, Any]]] = {
+    "untraced": None,
+    "network+tcp_events": {"collect_syscalls": False, "collect_network": True, "collect_tcp_events": True},
+    "defaults": DEFAULTS,
+    "defaults+sched+mem": {**DEFAULTS, "collect_scheduler": True, "collect_memory": True},
+}
+WORKLOADS = {
+    "bulk 64 KiB writes (MB/s)": ("bulk", "65536"),
+    "bulk 1 KiB writes (MB/s)": ("bulk", "1024"),
+    "connect/request/close (conn/s)": ("crr",),
+}
+
+
+def run_workloads(exe: Path, seconds: float) -> dict[str, tuple[float, float]]:
+    """Workload -> (rate per wall second, rate per CPU second of the workload's processes)."""
+    out = {}
+    for name, args in WORKLOADS.items():
+        proc = subprocess.Popen([str(exe), *args, str(seconds)], stdout=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        assert proc.stdout is not None
+        if status != 0:
+            raise RuntimeError(f"{proc.args} failed with status {status}")
+        rate, units = (float(v) for v in proc.stdout.read().split())
+        scale = 1e6 if args[0] == "bulk" else 1.0
+        out[name] = (rate / scale, units / (usage.ru_utime + usage.ru_stime) / scale)
+    return out
+
+
+def prog_costs(pid: int) -> dict[str, tuple[int, float]]:
+    """Program name -> (runs, ns per run) of the BPF programs process ``pid`` holds (bpf_stats)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        ids.update(int(m) for m in re.findall(r"^prog_id:\s+(\d+)", text, re.M))
+    out = {}
+    for i in sorted(ids):
+        info = json.loads(subprocess.run(["bpftool", "prog", "show", "id", str(i), "-j"], capture_output=True).stdout)
+        if info.get("run_cnt"):
+            out[info["name"]] = (info["run_cnt"], info["run_time_ns"] / info["run_cnt"])
+    return out
+
+
+def measure_programs(exe: Path, work: Path, seconds: float) -> dict[str, tuple[int, float]]:
+    """Run the workloads once under network+tcp_events with kernel.bpf_stats_enabled."""
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    previous = stats.read_text().strip()
+    agent = Agent({"integrations": {"ebpf": CONFIGS["network+tcp_events"]}}, work).start()
+    try:
+        stats.write_text("1")
+        run_workloads(exe, seconds)
+        assert agent.proc is not None
+        return prog_costs(agent.proc.pid)
+    finally:
+        stats.write_text(previous)
+        agent.stop()
+        agent.remove_pins()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=3.0, help="duration of each workload run")
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="untraced is always run")
+    args = ap.parse_args()
+    configs = {c: e for c, e in CONFIGS.items() if c == "untraced" or c in args.configs}
+    work = Path(tempfile.mkdtemp(prefix="tfo-bench-net-"))
+    (work / "tcpbench.c").write_text(WORKLOAD)
+    exe = work / "tcpbench"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(work / "tcpbench.c")], check=True)
+
+    wall: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
+    cpu: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
+    for r in range(args.rounds):
+        for config, ebpf in configs.items():
+            agent = Agent({"integrations": {"ebpf": ebpf}}, work).start() if ebpf is not None else None
+            try:
+                for w, (per_wall, per_cpu) in run_workloads(exe, args.seconds).items():
+                    wall[config][w].append(per_wall)
+                    cpu[config][w].append(per_cpu)
+            finally:
+                if agent:
+                    agent.stop()
+                    agent.remove_pins()
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+    print(f"\nmedian of {args.rounds} interleaved rounds, {args.seconds:g} s per run, load {os.getloadavg()[0]:.1f}:")
+    for title, results in (("per wall-clock second", wall), ("per CPU second of the workload", cpu)):
+        base = {w: statistics.median(results["untraced"][w]) for w in WORKLOADS}
+        print(f"\n{title}:\n")
+        print(f"| configuration | {' | '.join(WORKLOADS)} |")
+        print(f"|---|{'---|' * len(WORKLOADS)}")
+        for config in configs:
+            cells = []
+            for w in WORKLOADS:
+                med = statistics.median(results[config][w])
+                loss = "" if config == "untraced" else f" ({100 * (1 - med / base[w]):+.1f}%)"
+                cells.append(f"{med:,.0f}{loss}")
+            print(f"| {config} | {' | '.join(cells)} |")
+
+    print("\nnetwork+tcp_events programs during one run of the workloads (kernel.bpf_stats_enabled):\n")
+    print("| program | runs | ns per run |\n|---|---|---|")
+    for name, (runs, ns) in measure_programs(exe, work, args.seconds).items():
+        print(f"| {name} | {runs:,} | {ns:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

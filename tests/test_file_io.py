@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from tests.conftest import Agent
+from tests.conftest import Agent, wait_for
 
 W = 32 << 20  # bytes written, then read back
 K = 10_000  # opens
@@ -82,6 +82,11 @@ class Workload:
         assert self.proc.stdout is not None
         got = self.proc.stdout.readline().strip()
         assert got == line, f"workload said {got!r}, expected {line!r}"
+
+    def wait_blocked(self) -> None:
+        """Wait until it sleeps waiting for its next step: its kernel counters are final then."""
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+        assert wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "S"), "workload never blocked"
 
     def go(self) -> None:
         assert self.proc.stdin is not None

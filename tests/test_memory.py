@@ -71,6 +71,7 @@ def test_page_faults_match_proc(agent_factory: Callable[..., Agent], build_c: Ca
     work = Workload(exe, Path(os.devnull))
     try:
         work.expect("done")
+        work.wait_blocked()
         want = faults(work.proc.pid)
         got = agent.value("ebpf_page_faults_total", comm=comm)
     finally:

@@ -8,6 +8,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
 from tests.conftest import Agent
 from tests.test_file_io import Workload
 
@@ -55,17 +57,24 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+@pytest.mark.parametrize("sample_rate", [100, 10])
 def test_runtime_and_context_switches_match_proc(
-    agent_factory: Callable[..., Agent], build_c: Callable[[str, str], Path]
+    agent_factory: Callable[..., Agent], build_c: Callable[[str, str], Path], sample_rate: int
 ) -> None:
+    """CPU time and switches are deltas of the kernel's counters: exact at any sample_rate.
+
+    /proc counts the child from fork; the collector counts what the child did before its exec
+    under the name it had then (the test runner's), typically ~100 us and a switch or two.
+    """
     comm = f"sch_{uuid.uuid4().hex[:8]}"
     exe = build_c(comm, WORKLOAD)
-    agent = agent_factory({"integrations": {"ebpf": {"collect_scheduler": True}}})
+    agent = agent_factory({"integrations": {"ebpf": {"collect_scheduler": True, "sample_rate": sample_rate}}})
     runq0 = agent.value("ebpf_runqueue_latency_seconds_count")
     hog = subprocess.Popen(["python3", "-c", HOG])
     work = Workload(exe, Path(os.devnull))
     try:
         work.expect("done")
+        work.wait_blocked()
         runtime_ns = int(Path(f"/proc/{work.proc.pid}/schedstat").read_text().split()[0])
         status = proc_status(work.proc.pid)
         m = agent.scrape()

@@ -35,7 +35,7 @@ ExportRequest = metrics_service_pb2.ExportMetricsServiceRequest
 CUMULATIVE = metrics_pb2.AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 N_CALLS = 20_000
 OUTAGE_SECONDS = 30
-RSS_BOUND_KB = 8 * 1024  # growth of the agent's resident memory allowed over the 30 s outage (one batch at a time)
+RSS_BOUND_KB = 16 * 1024  # allowed RSS growth over the 30 s outage (seen: +0.4 to +5.8 MiB; one batch at a time)
 
 
 class Receiver:

@@ -7,11 +7,13 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from tests.conftest import Agent, wait_for
+from tests.conftest import Agent, deep_merge, wait_for
 
 W = 32 << 20  # bytes written, then read back
 K = 10_000  # opens
 CHUNK = 64 << 10
+# Accuracy tests give every process its own series: a busy host must not fold the workload's name.
+UNCAPPED = {"max_comm_series": 10_000}
 
 WORKLOAD = r"""
 #define _GNU_SOURCE
@@ -120,7 +122,7 @@ def test_bytes_and_opens_match_the_workload_and_sockets_pipes_do_not_count(
 ) -> None:
     comm = f"fio_{uuid.uuid4().hex[:8]}"
     exe = build_c(comm, WORKLOAD)
-    agent = agent_factory({"integrations": {"ebpf": {"collect_file_io": True}}})
+    agent = agent_factory({"integrations": {"ebpf": {"collect_file_io": True, **UNCAPPED}}})
     work = Workload(exe, tmp_path / "data")
     try:
         work.expect("ready")  # the loader's own reads (ld.so reading libc) are before this point
@@ -158,3 +160,24 @@ def test_excluded_process_is_not_counted(
         assert file_counters(agent, comm) == (0.0, 0.0, 0.0)
     finally:
         work.finish()
+
+
+def test_counters_survive_an_agent_restart(
+    agent_factory: Callable[..., Agent], build_c: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    comm = f"frs_{uuid.uuid4().hex[:8]}"
+    exe = build_c(comm, WORKLOAD)
+    config = {"integrations": {"ebpf": {"collect_file_io": True, **UNCAPPED}}}
+    first = agent_factory(config)
+    work = Workload(exe, tmp_path / "data")
+    try:
+        work.expect("ready")
+        work.go()
+        work.expect("files done")
+    finally:
+        work.finish()
+    before = file_counters(first, comm)
+    assert before[0] >= W
+    first.stop()
+    second = agent_factory(deep_merge(config, {"integrations": {"ebpf": {"pin_path": first.pin_path}}}))
+    assert file_counters(second, comm) == before

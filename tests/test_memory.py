@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 
 from tests.conftest import Agent, wait_for
-from tests.test_file_io import Workload
+from tests.test_file_io import UNCAPPED, Workload
 
 P = 50_000  # fresh pages touched
 
@@ -67,7 +67,7 @@ def vmstat(key: str) -> int:
 def test_page_faults_match_proc(agent_factory: Callable[..., Agent], build_c: Callable[[str, str], Path]) -> None:
     comm = f"pf_{uuid.uuid4().hex[:8]}"
     exe = build_c(comm, TOUCH)
-    agent = agent_factory({"integrations": {"ebpf": {"collect_memory": True}}})
+    agent = agent_factory({"integrations": {"ebpf": {"collect_memory": True, **UNCAPPED}}})
     work = Workload(exe, Path(os.devnull))
     try:
         work.expect("done")
@@ -129,7 +129,7 @@ def test_oom_kill_counted_once_with_victim_name(
 ) -> None:
     comm = f"oom_{uuid.uuid4().hex[:8]}"
     exe = build_c(comm, HOG)
-    agent = agent_factory({"integrations": {"ebpf": {"collect_memory": True}}})
+    agent = agent_factory({"integrations": {"ebpf": {"collect_memory": True, **UNCAPPED}}})
 
     def all_kills() -> float:
         return sum(v for (name, _), v in agent.scrape().items() if name == "ebpf_oom_kills_total")

@@ -11,7 +11,7 @@ from typing import Callable
 import pytest
 
 from tests.conftest import Agent
-from tests.test_file_io import Workload
+from tests.test_file_io import UNCAPPED, Workload
 
 # Pinned to CPU 0 next to a CPU hog: 300 rounds of 5 ms of CPU then a 1 ms sleep give voluntary
 # switches (the sleeps) and involuntary ones (the hog preempting it).
@@ -68,7 +68,8 @@ def test_runtime_and_context_switches_match_proc(
     """
     comm = f"sch_{uuid.uuid4().hex[:8]}"
     exe = build_c(comm, WORKLOAD)
-    agent = agent_factory({"integrations": {"ebpf": {"collect_scheduler": True, "sample_rate": sample_rate}}})
+    ebpf = {"collect_scheduler": True, "sample_rate": sample_rate, **UNCAPPED}
+    agent = agent_factory({"integrations": {"ebpf": ebpf}})
     runq0 = agent.value("ebpf_runqueue_latency_seconds_count")
     hog = subprocess.Popen(["python3", "-c", HOG])
     work = Workload(exe, Path(os.devnull))

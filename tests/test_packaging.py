@@ -224,6 +224,58 @@ def test_packaged_config_is_the_defaults() -> None:
     assert config.load(str(PACKAGING / "config.yaml")) == config.Config()
 
 
+# EL9's python3 and the versions of the two libraries the rpm takes from EL9 BaseOS
+# (python3-pyyaml 5.4.1, python3-requests 2.25.1), stood in for by wheels of those versions.
+EL9_PYTHON = "3.9"
+EL9_BASEOS = ("PyYAML==5.4.1", "requests==2.25.1", "urllib3==1.26.5", "idna==2.10", "chardet==4.0.0", "certifi")
+
+
+def python39() -> Optional[str]:
+    for candidate in (
+        shutil.which(f"python{EL9_PYTHON}"),
+        *map(str, Path("/root/.pyenv/versions").glob("3.9*/bin/python3.9")),
+    ):
+        if candidate and subprocess.run([candidate, "-c", ""], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+def test_rpm_bundle_runs_on_el9_python(packages: tuple[Path, Path], tmp_path: Path) -> None:
+    """The rpm's files with a CPython 3.9 (EL9's ABI): every feature imports, the CLI works."""
+    _, rpm = packages
+    python = python39()
+    if not python:
+        pytest.skip(f"no python{EL9_PYTHON} interpreter on this host")
+    root, baseos = tmp_path / "root", tmp_path / "baseos"
+    root.mkdir()
+    payload = subprocess.run(["rpm2cpio", str(rpm)], capture_output=True, check=True, timeout=120).stdout
+    subprocess.run(["cpio", "-idm", "--quiet"], input=payload, cwd=root, check=True, timeout=120)
+    run(
+        python, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:", "--target", baseos, *EL9_BASEOS,
+        timeout=300,
+    )  # fmt: skip
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        (root / "etc/tfo-agent/config.yaml")
+        .read_text()
+        .replace("programs_path: /var/lib/tfo-agent/ebpf", f"programs_path: {root}/var/lib/tfo-agent/ebpf")
+    )
+    lib = root / "usr/lib/tfo-agent"
+    out = run(
+        python, "-I", "-c",
+        f"import sys; sys.path[:0] = ['{lib}', '{lib}/vendor', '{baseos}'];"
+        "import grpc, google.protobuf, agent.hubble.client, agent.hubble.proto_gen.observer.observer_pb2_grpc;"
+        "from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter;"
+        "from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as H;"
+        "OTLPMetricExporter(endpoint='localhost:4317', insecure=True); H(endpoint='http://localhost:4318');"
+        f"assert grpc.__file__.startswith('{lib}/vendor/'), grpc.__file__;"
+        "from agent.cli import main;"
+        f"sys.exit(main(['version']) or main(['config', 'validate', '{cfg}']) or main(['check', '-c', '{cfg}']))",
+    )  # fmt: skip
+    assert f"tfo-agent {__version__}" in out
+    assert "host can run this configuration" in out
+
+
 # ---------------------------------------------------------------- a clean Debian 12 root
 
 

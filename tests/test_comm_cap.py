@@ -83,6 +83,9 @@ def test_distinct_names_never_exceed_the_cap_and_folds_are_counted(
         assert folded >= N - (CAP - 1), f"{collector} folded {folded} names, expected at least {N - CAP + 1}"
     # folding moves counts into comm="other", it does not lose them
     assert opens(m) - opens0 >= 3 * N
+    text = agent.scrape_text()
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout + lint.stderr
 
 
 def test_cap_admits_first_names_and_counts_each_folded_name_once() -> None:

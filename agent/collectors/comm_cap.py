@@ -10,7 +10,9 @@ dropping out of it counts again).
 ``CommStats`` reads the kernel side every collector with per-process counters shares
 (``bpf/tfo_comm.bpf.h``): it folds names that are not admitted into the userspace-owned
 ``comm_folded`` map and deletes them from ``comm_stats``, which keeps the kernel hash from filling
-up with names that will never get a series of their own.
+up with names that will never get a series of their own. ``CommCollector`` is the base of the
+collectors built on that layout (file I/O, scheduler, memory); ``add_ns_histogram`` their shared
+latency reader.
 """
 
 from __future__ import annotations

@@ -62,6 +62,11 @@ FIELD_MASK = (
     "traffic_direction",
     "policy_match_type",
 )
+# A trickling stream costs a wake-up per message; after a wait the reader naps so that messages
+# queue up in the socket and are read in a burst (adds at most NAP of latency, nothing is lost;
+# 20 ms of flows at 10k/s, ~50 KB, fit the default HTTP/2 window, so the relay is not held back).
+IDLE_WAIT = 0.0002
+NAP = 0.02
 _FLOW_TAG = b"\n"  # field 1 (flow), length-delimited: how a flow GetFlowsResponse starts on the wire
 
 
@@ -239,7 +244,14 @@ class FlowStream:
         rnd = random.random
         take = self.bucket.take
         got = False
+        clock, nap = time.monotonic, time.sleep
+        ready = clock()
         for raw in call:
+            t = clock()
+            if t - ready > IDLE_WAIT:  # we waited for this one: let the next ones pile up, read them at once
+                nap(NAP)
+                t = clock()
+            ready = t
             got = True
             st.received += 1
             if raw[:1] == _FLOW_TAG:
@@ -253,4 +265,5 @@ class FlowStream:
                 st.buffer_overflow += 1
                 continue
             q.append(raw)
+            ready = clock()
         return got

@@ -40,11 +40,13 @@ struct {
 
 /* 64-bit fields: clang's BPF atomics (cmpxchg, xchg) are 64-bit only without -mcpu=v3. */
 struct tcp_sk {
-	__u64 segs_out; /* segments already credited (the socket's u32 counters, widened) */
+	__u64 segs_out;   /* segments already credited (the socket's u32 counters, widened) */
 	__u64 segs_in;
-	__u64 srtt_us;  /* included in rtt_sum while in_rtt */
+	__u64 srtt_us;    /* included in rtt_sum while in_rtt */
 	__u64 in_rtt;
-	__u64 verdict;  /* SK_* */
+	__u64 verdict;    /* SK_* */
+	__u64 jiffies;    /* when segments and srtt were last read: at most once per tick */
+	__u64 connect_ns; /* SYN_SENT time of an observed active open in flight */
 };
 
 /* The socket table: socket-local storage in tp_btf programs (no hashing, freed with the socket),
@@ -111,15 +113,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct rtt_sum);
 } rtt_sum SEC(".maps");
-
-/* Active opens in flight: sock address -> SYN_SENT time (ns). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, __u64);
-} connect_start SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -203,11 +196,13 @@ static __always_inline void rtt_remove(struct tcp_sk *e)
 	rtt_add(-(__s64)old, -n);
 }
 
-/* A TCP socket used by an observed process: credit its segments, refresh its srtt. */
+/* A TCP socket used by an observed process: credit its segments and refresh its srtt, at most
+ * once per jiffy (a busy socket would otherwise pay atomics on every call; CLOSE credits the rest). */
 static __always_inline void tcp_observe(const struct sock *sk, bool direct)
 {
 	const struct tcp_sock *tp = tcp_of(sk, direct);
 	struct tcp_sk *e;
+	__u64 jiffies;
 	int state;
 
 	if (!tp)
@@ -232,6 +227,10 @@ static __always_inline void tcp_observe(const struct sock *sk, bool direct)
 			return;
 		e->verdict = SK_OBSERVED;
 	}
+	jiffies = bpf_jiffies64();
+	if (e->jiffies == jiffies)
+		return;
+	e->jiffies = jiffies;
 	credit_socket(tp, e, direct);
 	if (state == TCP_ESTABLISHED)
 		rtt_set(tp, e, direct);
@@ -278,7 +277,6 @@ static __always_inline int on_msg(const struct sock *sk, int ret, int flags, __u
 
 static __always_inline int on_state(const struct sock *sk, int oldstate, int newstate, bool direct)
 {
-	__u64 key = (__u64)sk, *start;
 	struct tcp_sk *e;
 
 	if (!tfo_is_tcp_stream(sk, direct))
@@ -288,24 +286,23 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	if (newstate == TCP_SYN_SENT) {
 		/* connect(): the caller's context, so the filters apply. */
 		if (tfo_task_observed(bpf_get_current_task_btf()) && tfo_sampled()) {
-			__u64 now = bpf_ktime_get_ns();
-			if (bpf_map_update_elem(&connect_start, &key, &now, BPF_ANY))
-				tfo_count_map_full();
+			struct tcp_sk init = {.connect_ns = bpf_ktime_get_ns()};
+			e = sk_entry_create(sk, &init, direct);
+			if (e)
+				e->connect_ns = init.connect_ns;
 		}
-	} else if (oldstate == TCP_SYN_SENT) {
-		start = bpf_map_lookup_elem(&connect_start, &key);
-		if (start) {
-			__u32 zero = 0;
-			struct tfo_hist *h = bpf_map_lookup_elem(&connect_latency, &zero);
-			if (h && newstate == TCP_ESTABLISHED)
-				tfo_hist_add(h, bpf_ktime_get_ns() - *start, tfo_weight());
-			bpf_map_delete_elem(&connect_start, &key);
-		}
+		return 0;
 	}
-
 	if (newstate == TCP_ESTABLISHED) {
 		struct tcp_sk fresh = {}; /* count from the socket's first segment */
-		sk_entry_create(sk, &fresh, direct);
+		e = sk_entry_create(sk, &fresh, direct);
+		if (e && e->connect_ns) {
+			__u32 zero = 0;
+			struct tfo_hist *h = bpf_map_lookup_elem(&connect_latency, &zero);
+			if (h && oldstate == TCP_SYN_SENT)
+				tfo_hist_add(h, bpf_ktime_get_ns() - e->connect_ns, tfo_weight());
+			e->connect_ns = 0;
+		}
 		return 0;
 	}
 	e = sk_entry(sk, direct);

@@ -7,9 +7,10 @@
 
 #include "tfo.bpf.h"
 
-/* Sum of (+1 entering ESTABLISHED, -1 leaving it) over every TCP socket of the host. */
+/* Sum of (+1 entering ESTABLISHED, -1 leaving it) over every TCP socket of the host, per CPU
+ * (a socket may enter on one CPU and leave on another: only the sum over CPUs means anything). */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __s64);
@@ -35,7 +36,7 @@ static __always_inline void tfo_established_update(int oldstate, int newstate)
 		return;
 	v = bpf_map_lookup_elem(&tcp_established, &zero);
 	if (v)
-		__sync_fetch_and_add(v, d);
+		*v += d;
 }
 
 #endif /* TFO_TCP_STATE_BPF_H */

@@ -72,8 +72,11 @@ class TcpStateCollector(BpfCollector):
             Kind.GAUGE,
             "TCP sockets in ESTABLISHED state, host-wide (both ends of a local connection count).",
         )
-        raw = self.obj.map("tcp_established").lookup(_ZERO)
-        delta = struct.unpack_from("<q", raw)[0] if raw else 0
+        m = self.obj.map("tcp_established")
+        raw = m.lookup(_ZERO)
+        delta = sum_percpu_u64(raw, m.slot_size, 1)[0] % 2**64 if raw else 0  # per-CPU s64, summed
+        if delta >= 2**63:
+            delta -= 2**64
         fam.add((), max(0, self.baseline + delta))
         return fam
 

@@ -2,13 +2,15 @@
 
 Run: .venv/bin/python -m bench.hubble_bench [--flows 200000] [--rounds 2] [--soak SECONDS --soak-rate 5000]
 
-This process runs the replay relay (demo flows, ~250-330 bytes each) on loopback. Each measurement
-is a fresh child process that streams all flows once with the agent's own GetFlows request
-(follow, field_mask): ``receive`` only iterates the raw messages, ``decode`` also parses them,
-``agent`` runs the real HubbleIntegration (reader + aggregator, all metric groups on, cluster
-scope). CPU is read from /proc/<child>/stat (utime+stime) between the child's "ready" (imports,
-channel set up) and "done" lines, so start-up is not counted. ``--soak`` feeds the agent at a fixed
-rate with --loop semantics and reports CPU share and RSS over time.
+This process runs the replay relay (demo flows, ~330 bytes each, ~216 after the agent's field
+mask) on loopback. Each measurement is a fresh child process that streams all flows once with the
+agent's own GetFlows request (follow, field_mask): ``receive`` only iterates the raw messages,
+``receive-nap`` does so the way the agent's reader does (a short nap after waiting, so messages
+are read in bursts), ``decode-nap`` also parses them, ``agent`` runs the real HubbleIntegration
+(reader + aggregator, all metric groups on, cluster scope). CPU is read from /proc/<child>/stat
+(utime+stime) between the child's "ready" (imports, channel set up) and "done" lines, so start-up
+is not counted. ``--soak`` feeds the agent at a fixed rate with --loop semantics and reports CPU
+share and RSS over time.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.hubble.client import FIELD_MASK
+from agent.hubble.client import FIELD_MASK, IDLE_WAIT, NAP
 from agent.hubble.demo import demo_flows
 from agent.hubble.replay import ReplayRelay, to_records
 
@@ -61,15 +63,20 @@ def child(mode: str, addr: str, flows: int) -> None:
             GET_FLOWS, request_serializer=observer_pb2.GetFlowsRequest.SerializeToString, response_deserializer=None
         )
         parse = observer_pb2.GetFlowsResponse.FromString
+        decode, naps = mode.startswith("decode"), mode.endswith("-nap")
         print("ready", flush=True)
         n = 0
         stream = call(req)
+        ready = time.monotonic()
         for raw in stream:
-            if mode == "decode":
+            if naps and time.monotonic() - ready > IDLE_WAIT:  # the agent reader's burst reading
+                time.sleep(NAP)
+            if decode:
                 parse(raw)
             n += 1
             if n >= flows:
                 break
+            ready = time.monotonic()
         stream.cancel()
         print("done", n, flush=True)
     sys.stdin.read()  # hold still until the parent has read our CPU time
@@ -167,7 +174,8 @@ def main() -> int:
     print(f"{'what the process does':44} {'CPU µs/flow':>12} {'of it sys':>10} {'flows/s':>9}")
     labels = {
         "receive": "receive only (SingleThreadedUnaryStream)",
-        "decode": "+ protobuf decode",
+        "receive-nap": "receive only, agent's burst reading",
+        "decode-nap": "+ protobuf decode",
         "agent": "agent: reader + aggregator, all groups",
     }
     for mode, label in labels.items():

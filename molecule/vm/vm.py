@@ -27,11 +27,16 @@ HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("TFO_MOLECULE_CACHE", "/var/cache/tfo-agent-molecule"))
 METRICS_PORT = 9435
 SSH_OPTS = [
-    "-o", "StrictHostKeyChecking=no",
-    "-o", "UserKnownHostsFile=/dev/null",
-    "-o", "LogLevel=ERROR",
-    "-o", "BatchMode=yes",
-    "-o", "ConnectTimeout=5",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "ConnectTimeout=5",
 ]
 
 
@@ -41,9 +46,7 @@ def log(msg: str) -> None:
 
 def build_image() -> Path:
     """Run build-image.sh (a no-op when cached) and return the image directory."""
-    out = subprocess.run(
-        [str(HERE / "build-image.sh")], check=True, stdout=subprocess.PIPE, text=True, timeout=1800
-    )
+    out = subprocess.run([str(HERE / "build-image.sh")], check=True, stdout=subprocess.PIPE, text=True, timeout=1800)
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -88,11 +91,23 @@ def read_pid(pidfile: Path) -> int | None:
 
 
 def ssh_ready(key: Path, port: int) -> bool:
-    cmd = ["ssh", *SSH_OPTS, "-i", str(key), "-p", str(port), "tfo@127.0.0.1",
-           "systemctl is-system-running --wait >/dev/null 2>&1; true"]
+    cmd = [
+        "ssh",
+        *SSH_OPTS,
+        "-i",
+        str(key),
+        "-p",
+        str(port),
+        "tfo@127.0.0.1",
+        "systemctl is-system-running --wait >/dev/null 2>&1; true",
+    ]
     try:
-        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=60, check=False).returncode == 0
+        return (
+            subprocess.run(
+                cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False
+            ).returncode
+            == 0
+        )
     except subprocess.TimeoutExpired:
         return False
 
@@ -110,27 +125,59 @@ def up(state_dir: Path, name: str, memory: int, timeout: float) -> dict[str, obj
 
     overlay = vmdir / "disk.qcow2"
     overlay.unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                    "-b", str(image / "base.qcow2"), str(overlay)], check=True, timeout=60)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image / "base.qcow2"), str(overlay)],
+        check=True,
+        timeout=60,
+    )
     ssh_port, metrics_port = free_port(), free_port()
     accel_name = choose_accel()
     # -arch-capabilities: qemu 7.2 aborts on hosts that refuse MSR 0x10a
-    accel = (["-enable-kvm", "-cpu", "host,-arch-capabilities"] if accel_name == "kvm"
-             else ["-accel", "tcg,thread=multi", "-cpu", "max"])
-    netdev = (f"user,id=n0,restrict=on,hostname={name},"
-              f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22,"
-              f"hostfwd=tcp:127.0.0.1:{metrics_port}-:{METRICS_PORT}")
+    accel = (
+        ["-enable-kvm", "-cpu", "host,-arch-capabilities"]
+        if accel_name == "kvm"
+        else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    )
+    netdev = (
+        f"user,id=n0,restrict=on,hostname={name},"
+        f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22,"
+        f"hostfwd=tcp:127.0.0.1:{metrics_port}-:{METRICS_PORT}"
+    )
     cmd = [
-        "qemu-system-x86_64", *accel, "-m", str(memory), "-smp", "1",
-        "-name", name, "-nodefaults", "-display", "none", "-vga", "none",
-        "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
-        "-append", f"root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={name} quiet",
-        "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
-        "-netdev", netdev, "-device", "virtio-net-pci,netdev=n0",
-        "-serial", f"file:{vmdir / 'console.log'}",
-        "-object", "rng-random,id=rng0,filename=/dev/urandom",
-        "-device", "virtio-rng-pci,rng=rng0",
-        "-daemonize", "-pidfile", str(pidfile),
+        "qemu-system-x86_64",
+        *accel,
+        "-m",
+        str(memory),
+        "-smp",
+        "1",
+        "-name",
+        name,
+        "-nodefaults",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-kernel",
+        str(image / "vmlinuz"),
+        "-initrd",
+        str(image / "initrd.img"),
+        "-append",
+        f"root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={name} quiet",
+        "-drive",
+        f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
+        "-netdev",
+        netdev,
+        "-device",
+        "virtio-net-pci,netdev=n0",
+        "-serial",
+        f"file:{vmdir / 'console.log'}",
+        "-object",
+        "rng-random,id=rng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-pci,rng=rng0",
+        "-daemonize",
+        "-pidfile",
+        str(pidfile),
     ]
     t0 = time.monotonic()
     subprocess.run(cmd, check=True, timeout=60)

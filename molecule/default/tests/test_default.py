@@ -1,0 +1,233 @@
+"""Verify the fleet rollout on the molecule VMs (pytest-testinfra over molecule's inventory).
+
+Hosts: tfo-k8s-node-1 (k8s_nodes), tfo-bm-1 (bare_metal) and tfo-bm-nobtf (bare_metal, whose
+btf_path points at a missing file, so preflight must refuse it and leave it untouched).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import testinfra.utils.ansible_runner
+import yaml
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+REFUSED = "tfo-bm-nobtf"
+INSTALLED = sorted(h for h in RUNNER.get_hosts("all") if h != REFUSED)
+REPO = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
+ROLE_DEFAULTS: dict[str, Any] = yaml.safe_load((REPO / "roles/tfo_agent/defaults/main.yml").read_text())
+CONFIG = "/etc/tfo-agent/config.yaml"
+SAMPLE = re.compile(r"^ebpf_syscall_count_total(\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+
+testinfra_hosts = INSTALLED
+
+
+def instance(name: str) -> dict[str, Any]:
+    configs: list[dict[str, Any]] = yaml.safe_load(Path(os.environ["MOLECULE_INSTANCE_CONFIG"]).read_text())
+    return next(c for c in configs if c["instance"] == name)
+
+
+def package_under_test() -> Path:
+    """Same choice as inventory/group_vars/all.yml: $TFO_AGENT_PACKAGE, else the newest dist/ .deb."""
+    env = os.environ.get("TFO_AGENT_PACKAGE")
+    if env:
+        return Path(env)
+    return sorted((REPO / "dist").glob("tfo-agent_*_amd64.deb"))[-1]
+
+
+def agent_config(host: Any) -> dict[str, Any]:
+    with host.sudo():
+        text = host.file(CONFIG).content_string
+    config: dict[str, Any] = yaml.safe_load(text)
+    return config
+
+
+def expected(host: Any, var: str) -> Any:
+    """The value the inventory (group_vars/host_vars) gives a role variable, else the role default."""
+    hv = host.ansible.get_variables()
+    value = hv.get(var, ROLE_DEFAULTS[var])
+    return value
+
+
+def scrape(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as resp:
+        body = resp.read().decode()
+    samples = SAMPLE.findall(body)
+    assert samples, "no ebpf_syscall_count_total sample in /metrics"
+    return sum(float(v) for _, v in samples)
+
+
+def ansible_playbook(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    cmd = ["ansible-playbook", "-i", INVENTORY, str(REPO / "playbooks/install.yml"), *args]
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+# ------------------------------------------------------------------ hosts that were installed
+
+
+def test_package_installed(host: Any) -> None:
+    pkg = host.package("tfo-agent")
+    assert pkg.is_installed
+    # the version installed is the one in the package file under test
+    assert pkg.version == package_under_test().name.split("_")[1]
+
+
+def test_service_active_and_enabled(host: Any) -> None:
+    svc = host.service("tfo-agent")
+    assert svc.is_running
+    assert svc.is_enabled
+
+
+def test_bpffs_mounted_by_the_unit(host: Any) -> None:
+    mount = host.mount_point("/sys/fs/bpf")
+    assert mount.exists
+    assert mount.filesystem == "bpf"
+    assert host.run("systemctl is-active sys-fs-bpf.mount").stdout.strip() == "active"
+    after = host.run("systemctl show -p After -p Requires -p Wants tfo-agent.service").stdout
+    assert "sys-fs-bpf.mount" in after
+
+
+def test_config_follows_group_vars(host: Any) -> None:
+    config = agent_config(host)
+    ebpf = config["integrations"]["ebpf"]
+    cilium = ebpf["cilium"]
+    # every plain (untemplated) value the inventory or the role defaults give lands in the file
+    for var in ROLE_DEFAULTS:
+        if var.startswith("tfo_agent_cilium_"):
+            section, key = cilium, var[len("tfo_agent_cilium_") :]
+        elif var.startswith("tfo_agent_"):
+            section, key = ebpf, var[len("tfo_agent_") :]
+        else:
+            continue
+        if key not in section:
+            continue
+        want = expected(host, var)
+        if isinstance(want, str) and "{{" in want:
+            continue
+        assert section[key] == want, f"{var}: config has {section[key]!r}, inventory says {want!r}"
+    prom = config["exporters"]["prometheus"]
+    assert prom == {"enabled": True, "listen_address": expected(host, "tfo_agent_prometheus_listen_address")}
+
+    groups = host.ansible.get_variables()["group_names"]
+    if "k8s_nodes" in groups:
+        assert cilium["enabled"] is True
+        assert cilium["flow_scope"] == "node"
+        assert cilium["node_name"] == host.ansible.get_variables()["inventory_hostname"]
+        assert cilium["hubble_tls_enabled"] is True
+        assert ebpf["collect_dns"] is True
+        assert ebpf["collect_scheduler"] is False
+        assert "monitoring" in cilium["exclude_namespaces"]
+        tls = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "hubble-tls"
+        with host.sudo():
+            for name, mode in (("ca.crt", 0o644), ("tls.crt", 0o644), ("tls.key", 0o600)):
+                f = host.file(f"/etc/hubble/{name}")
+                assert f.is_file and f.mode == mode and f.user == "root"
+                assert f.content_string == (tls / name).read_text()
+    else:
+        assert "bare_metal" in groups
+        assert cilium["enabled"] is False
+        assert ebpf["collect_scheduler"] is True
+        assert ebpf["collect_memory"] is True
+        assert "postgres" in ebpf["exclude_processes"]
+        assert not host.file("/etc/hubble").exists
+
+
+def test_configs_differ_between_groups() -> None:
+    k8s = testinfra.get_host("ansible://tfo-k8s-node-1?ansible_inventory=" + INVENTORY)
+    bm = testinfra.get_host("ansible://tfo-bm-1?ansible_inventory=" + INVENTORY)
+    a, b = agent_config(k8s), agent_config(bm)
+    assert a != b
+    assert a["integrations"]["ebpf"]["cilium"]["enabled"] != b["integrations"]["ebpf"]["cilium"]["enabled"]
+
+
+def test_metrics_served_and_growing(host: Any) -> None:
+    name = host.ansible.get_variables()["inventory_hostname"]
+    port = int(instance(name)["metrics_port"])
+    deadline = time.monotonic() + 90
+    while True:  # the agent may still be loading its programs right after a restart
+        try:
+            first = scrape(port)
+            break
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+    # generate syscalls and wait past a scrape interval
+    host.run("for i in $(seq 200); do cat /proc/self/status >/dev/null; done")
+    time.sleep(8)
+    second = scrape(port)
+    assert second > first, f"ebpf_syscall_count_total did not grow: {first} -> {second}"
+
+
+def test_agent_check_passes(host: Any) -> None:
+    with host.sudo():
+        result = host.run("tfo-agent check")
+    assert result.rc == 0, result.stdout + result.stderr
+
+
+def test_config_validates_on_host(host: Any) -> None:
+    with host.sudo():
+        result = host.run(f"tfo-agent config validate {CONFIG}")
+    assert result.rc == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ the host preflight refused
+
+
+@pytest.mark.parametrize("name", [REFUSED])
+def test_refused_host_left_untouched(name: str) -> None:
+    refused = testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
+    assert not refused.package("tfo-agent").is_installed
+    assert not refused.file("/etc/tfo-agent").exists
+    assert not refused.file("/var/cache/tfo-agent-ansible").exists
+    assert refused.run("systemctl cat tfo-agent.service").rc != 0
+
+
+def test_refusal_reported_with_remedy() -> None:
+    """The fleet run reports the refused host, what was found and the seed's remedy, and succeeds."""
+    result = ansible_playbook("--limit", REFUSED)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    text = " ".join(out.split())
+    assert f"{REFUSED} cannot run tfo-agent: BTF for CO-RE" in text
+    assert "found tfo_agent_btf_path=/nonexistent/tfo-agent/vmlinux.btf is missing or unreadable" in text
+    assert "remedy: BTF not found: install kernel BTF" in text
+    assert "or provide btf_path" in text
+    assert "tfo-agent preflight refused 1 host(s)" in text
+    assert re.search(rf"{REFUSED}\s*:\s*ok=\d+\s+changed=0\s+unreachable=0\s+failed=0", text), text[-2000:]
+
+
+def test_refusal_can_fail_the_host() -> None:
+    result = ansible_playbook("--limit", REFUSED, "-e", "tfo_agent_preflight_on_failure=fail")
+    text = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2, text[-3000:]
+    assert re.search(rf"{REFUSED}\s*:\s*ok=\d+\s+changed=0\s+unreachable=0\s+failed=1", text), text[-2000:]
+
+
+def test_check_mode_on_a_fresh_host() -> None:
+    """--check on a host that has nothing yet (the refused VM, with its BTF fixed) runs clean."""
+    result = ansible_playbook("--limit", REFUSED, "--check", "-e", "tfo_agent_btf_path=")
+    text = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 0, text[-4000:]
+    assert re.search(rf"{REFUSED}\s*:\s*ok=\d+\s+changed=[1-9]\d*\s+unreachable=0\s+failed=0", text), text[-2000:]
+    refused = testinfra.get_host(f"ansible://{REFUSED}?ansible_inventory={INVENTORY}")
+    assert not refused.package("tfo-agent").is_installed
+
+
+def test_check_mode_after_converge_reports_no_change() -> None:
+    # one converged host of each kind of config is enough (module runs are slow under TCG)
+    name = "tfo-k8s-node-1"
+    result = ansible_playbook("--check", "--diff", "--limit", name)
+    text = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 0, text[-4000:]
+    if True:
+        assert re.search(rf"{name}\s*:\s*ok=\d+\s+changed=0\s+unreachable=0\s+failed=0", text), text[-2000:]

@@ -174,19 +174,21 @@ def prog_costs(pid: int) -> dict[str, tuple[int, float]]:
         except OSError:
             continue
         ids.update(int(m) for m in re.findall(r"^prog_id:\s+(\d+)", text, re.M))
-    out = {}
+    runs: dict[str, int] = {}
+    ns: dict[str, int] = {}
     for i in sorted(ids):
         info = json.loads(subprocess.run(["bpftool", "prog", "show", "id", str(i), "-j"], capture_output=True).stdout)
-        if info.get("run_cnt"):
-            out[info["name"]] = (info["run_cnt"], info["run_time_ns"] / info["run_cnt"])
-    return out
+        if info.get("run_cnt"):  # same-named programs of several objects (filter caches) add up
+            runs[info["name"]] = runs.get(info["name"], 0) + info["run_cnt"]
+            ns[info["name"]] = ns.get(info["name"], 0) + info["run_time_ns"]
+    return {name: (runs[name], ns[name] / runs[name]) for name in runs}
 
 
-def measure_programs(exe: Path, work: Path, seconds: float) -> dict[str, tuple[int, float]]:
-    """Run the workloads once under network+tcp_events with kernel.bpf_stats_enabled."""
+def measure_programs(exe: Path, work: Path, seconds: float, config: str) -> dict[str, tuple[int, float]]:
+    """Run the workloads once under ``config`` with kernel.bpf_stats_enabled."""
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
     previous = stats.read_text().strip()
-    agent = Agent({"integrations": {"ebpf": CONFIGS["network+tcp_events"]}}, work).start()
+    agent = Agent({"integrations": {"ebpf": CONFIGS[config]}}, work).start()
     try:
         stats.write_text("1")
         run_workloads(exe, seconds)
@@ -239,10 +241,14 @@ def main() -> int:
                 cells.append(f"{med:,.0f}{loss}")
             print(f"| {config} | {' | '.join(cells)} |")
 
-    print("\nnetwork+tcp_events programs during one run of the workloads (kernel.bpf_stats_enabled):\n")
-    print("| program | runs | ns per run |\n|---|---|---|")
-    for name, (runs, ns) in measure_programs(exe, work, args.seconds).items():
-        print(f"| {name} | {runs:,} | {ns:.0f} |")
+    for config in configs:
+        if config == "untraced":
+            continue
+        print(f"\n{config}: programs during one run of the workloads (kernel.bpf_stats_enabled):\n")
+        print("| program | runs | ns per run | ms in total |\n|---|---|---|---|")
+        costs = measure_programs(exe, work, args.seconds, config)
+        for name, (runs, ns) in sorted(costs.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
+            print(f"| {name} | {runs:,} | {ns:.0f} | {runs * ns / 1e6:.0f} |")
     return 0
 
 

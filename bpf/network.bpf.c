@@ -190,9 +190,13 @@ static __always_inline void rtt_set(const struct tcp_sock *tp, struct tcp_sk *e,
 
 static __always_inline void rtt_remove(struct tcp_sk *e)
 {
-	__s64 n = __sync_val_compare_and_swap(&e->in_rtt, 1, 0) == 1;
-	__u64 old = __sync_lock_test_and_set(&e->srtt_us, 0);
+	__s64 n;
+	__u64 old;
 
+	if (!e->in_rtt && !e->srtt_us)
+		return;
+	n = __sync_val_compare_and_swap(&e->in_rtt, 1, 0) == 1;
+	old = __sync_lock_test_and_set(&e->srtt_us, 0);
 	rtt_add(-(__s64)old, -n);
 }
 

@@ -198,3 +198,16 @@ def test_sampling_scales_back_within_5_percent() -> None:
         assert self_metric(h, "flows_sampled_out") + h.aggregator.stats.flows_processed == len(msgs)
     assert abs(total - len(msgs)) <= 0.05 * len(msgs)
     assert total % 10 == 0
+
+
+def test_cardinality_cap_folds_new_series_and_keeps_totals() -> None:
+    msgs = demo_flows(2000)
+    with relay(msgs) as (_, addr), agent(base_config(addr, max_series_per_metric=5)) as h:
+        settle(h, len(msgs))
+        x = exported(h)
+        (fam,) = [f for f in h.collect() if f.name == "tfo_agent_hubble_series_overflow"]
+        overflow = {s.labels: s.value for s in fam.samples}
+    assert len(x["hubble_flows"]) == 6  # five label sets, then the overflow series
+    assert any(set(lbl.values()) == {"__overflow__"} for lbl, _ in x["hubble_flows"])
+    assert sum(v for _, v in x["hubble_flows"]) == len(msgs)  # totals survive the cap
+    assert overflow[("hubble_flows",)] == sum(v for lbl, v in x["hubble_flows"] if lbl["verdict"] == "__overflow__")

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 KEY = "integrations.ebpf.cilium"
 ENDPOINT_ACTIVE_SECONDS = 300.0  # an endpoint seen in a flow this recently counts in hubble_endpoint_*
+AGGREGATOR_POLL = 0.05  # idle aggregator wakes this often (the buffer holds far more than 50 ms of flows)
 
 
 def resolve_node_name(cfg: CiliumConfig) -> tuple[str, str]:
@@ -149,7 +150,7 @@ class HubbleIntegration:
             if stopping:
                 return
             if not drained:
-                self._stop.wait(min(0.01, max(0.0, deadline - now)))
+                self._stop.wait(min(AGGREGATOR_POLL, max(0.0, deadline - now)))
 
     def status(self) -> tuple[bool, str]:
         """(ready, reason): ready once connected to the relay."""

@@ -39,9 +39,7 @@ class TcpEventsCollector(TcpStateCollector):
         )
         opens.add(("active",), active)
         opens.add(("passive",), passive)
-        close = MetricFamily(
-            "ebpf_tcp_closes", Kind.COUNTER, "TCP sockets that reached CLOSE after being established."
-        )
+        close = MetricFamily("ebpf_tcp_closes", Kind.COUNTER, "TCP sockets that reached CLOSE after being established.")
         close.add((), closes)
         resets = MetricFamily("ebpf_tcp_resets", Kind.COUNTER, "TCP RST segments sent and received.", ("direction",))
         resets.add(("sent",), rst_sent)

@@ -654,8 +654,3 @@ def _is_error(k: FlowKey) -> bool:
     if k.l7 in ("grpc", "kafka"):
         return k.b not in ("", "0")
     return k.b == RCODES[2]
-
-
-def flow_response(flow: flow_pb2.Flow) -> bytes:
-    """A flow wrapped in a serialised GetFlowsResponse (tests and benchmarks)."""
-    return observer_pb2.GetFlowsResponse(flow=flow, node_name=flow.node_name, time=flow.time).SerializeToString()

@@ -32,7 +32,12 @@ bpf: apt
 protos: venv
 	$(PY) -m agent.hubble.build_protos
 
+TFO_HUBBLE ?= 127.0.0.1:4245
+export TFO_HUBBLE
+
 run: setup
+	$(VENV)/bin/tfo-agent hubble replay --demo --listen $(TFO_HUBBLE) & demo=$$!; \
+	trap 'kill $$demo 2>/dev/null' EXIT; \
 	$(VENV)/bin/tfo-agent run -c config/dev.yaml
 
 test: setup

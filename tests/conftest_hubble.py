@@ -11,10 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import pytest
-
-pytest.importorskip("grpc")
-
 from agent.config import CiliumConfig
 from agent.hubble import HubbleIntegration
 from agent.hubble.client import Backoff

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import trustme
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from agent.config import ConfigError, parse
@@ -21,7 +22,6 @@ from agent.hubble.proto import flow_pb2
 from agent.hubble.replay import TlsFiles, load_flows, main
 from tests.conftest_hubble import FIXTURES, agent, base_config, by, exported, relay, self_metric, settle, wait_for
 
-trustme = pytest.importorskip("trustme")
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_NAME = "relay.hubble-relay.cilium.io"  # the default hubble_tls_server_name
 

@@ -73,6 +73,12 @@ def build_deb(version: str, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def newer_deb(tmp_path_factory: pytest.TempPathFactory, packages: tuple[Path, Path]) -> Path:
+    """The same code packaged as a newer version: what an upgrade installs."""
+    return build_deb(f"{__version__}+pkgtest1", tmp_path_factory.mktemp("newer"))
+
+
+@pytest.fixture(scope="module")
 def packages() -> tuple[Path, Path]:
     start = time.monotonic()
     run("make", "-s", "package", cwd=ROOT, timeout=900)
@@ -482,9 +488,12 @@ def wait_total(port: int, timeout: float = 90) -> float:
     pytest.fail(f"no ebpf_syscall_count_total on port {port} within {timeout}s")
 
 
-def test_service_runs_hardened_under_booted_systemd(installed: tuple[Chroot, set[str]], tmp_path: Path) -> None:
+def test_service_runs_hardened_under_booted_systemd(
+    installed: tuple[Chroot, set[str]], newer_deb: Path, tmp_path: Path
+) -> None:
     """Boot the root's systemd (systemd-nspawn, changes discarded): the packaged, enabled unit
-    starts with its sandbox, serves ebpf_* metrics, keeps counters across a restart, reloads."""
+    starts with its sandbox, serves ebpf_* metrics, keeps counters across a restart and an
+    upgrade (which restarts it), reloads."""
     root, _ = installed
     port, pin = free_port(), f"/sys/fs/bpf/tfo-pkgtest-{uuid.uuid4().hex[:8]}"
     cfg = tmp_path / "config.yaml"
@@ -502,7 +511,7 @@ def test_service_runs_hardened_under_booted_systemd(installed: tuple[Chroot, set
          # what a host gives the service: the capabilities and syscalls it keeps, the kernel's files
          "--capability=CAP_BPF,CAP_PERFMON", "--system-call-filter=bpf perf_event_open",
          "--bind=/sys/fs/bpf", "--bind-ro=/sys/kernel/btf", "--bind-ro=/sys/kernel/tracing",
-         f"--bind-ro={cfg}:/etc/tfo-agent/config.yaml"],
+         f"--bind-ro={cfg}:/etc/tfo-agent/config.yaml", f"--bind-ro={newer_deb}:/opt/{newer_deb.name}"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -525,7 +534,13 @@ def test_service_runs_hardened_under_booted_systemd(installed: tuple[Chroot, set
         assert exposure and float(exposure.group(1)) <= EXPOSURE_MAX
         inside("systemctl", "restart", "tfo-agent")
         time.sleep(2)
-        assert wait_total(port) >= before  # pinned maps: the counters went on
+        after_restart = wait_total(port)
+        assert after_restart >= before  # pinned maps: the counters went on
+        main_pid = inside("systemctl", "show", "-p", "MainPID", "--value", "tfo-agent").strip()
+        inside("apt-get", "install", "-y", "-q", f"/opt/{newer_deb.name}")
+        assert inside("systemctl", "show", "-p", "MainPID", "--value", "tfo-agent").strip() != main_pid  # restarted
+        time.sleep(2)
+        assert wait_total(port) >= after_restart  # and the counters went on across the upgrade too
         main_pid = inside("systemctl", "show", "-p", "MainPID", "--value", "tfo-agent").strip()
         inside("systemctl", "reload", "tfo-agent")
         time.sleep(2)
@@ -543,15 +558,14 @@ def test_service_runs_hardened_under_booted_systemd(installed: tuple[Chroot, set
 
 
 def test_upgrade_keeps_edited_config_then_purge_removes_everything(
-    installed: tuple[Chroot, set[str]], tmp_path: Path
+    installed: tuple[Chroot, set[str]], newer_deb: Path
 ) -> None:
     root, before = installed
     conf = root.root / "etc/tfo-agent/config.yaml"
     edited = conf.read_text().replace('listen_address: "0.0.0.0:9435"', 'listen_address: "127.0.0.1:9999"')
     assert edited != conf.read_text()
     conf.write_text("# edited by the operator\n" + edited)
-    newer = build_deb(f"{__version__}+pkgtest1", tmp_path)
-    root.install(newer)
+    root.install(newer_deb)
     # (the code is the same: only the package version differs, as dpkg sees it)
     assert root("dpkg-query", "-W", "-f=${Version}", "tfo-agent") == f"{__version__}+pkgtest1-1"
     assert root("tfo-agent", "config", "validate", "/etc/tfo-agent/config.yaml").strip().endswith(": valid")

@@ -31,9 +31,9 @@ static __always_inline bool was_connected(int state)
 	       state == TCP_CLOSE_WAIT || state == TCP_LAST_ACK || state == TCP_CLOSING;
 }
 
-static __always_inline int on_state(const struct sock *sk, int oldstate, int newstate)
+static __always_inline int on_state(const struct sock *sk, int oldstate, int newstate, bool direct)
 {
-	if (!tfo_is_tcp_stream(sk, false))
+	if (!tfo_is_tcp_stream(sk, direct))
 		return 0;
 	tfo_established_update(oldstate, newstate);
 	if (newstate == TCP_SYN_SENT) {
@@ -47,10 +47,30 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 	return 0;
 }
 
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(tpbtf_set_state, const struct sock *sk, int oldstate, int newstate)
+{
+	return on_state(sk, oldstate, newstate, true);
+}
+
+SEC("tp_btf/tcp_send_reset")
+int tpbtf_send_reset(void *ctx)
+{
+	count(RESET_SENT, TFO_UNIT);
+	return 0;
+}
+
+SEC("tp_btf/tcp_receive_reset")
+int tpbtf_receive_reset(void *ctx)
+{
+	count(RESET_RECEIVED, TFO_UNIT);
+	return 0;
+}
+
 SEC("raw_tp/inet_sock_set_state")
 int BPF_PROG(raw_set_state, const struct sock *sk, int oldstate, int newstate)
 {
-	return on_state(sk, oldstate, newstate);
+	return on_state(sk, oldstate, newstate, false);
 }
 
 SEC("raw_tp/tcp_send_reset")
@@ -70,7 +90,7 @@ int raw_receive_reset(void *ctx)
 SEC("tracepoint/sock/inet_sock_set_state")
 int tp_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 {
-	return on_state(ctx->skaddr, ctx->oldstate, ctx->newstate);
+	return on_state(ctx->skaddr, ctx->oldstate, ctx->newstate, false);
 }
 
 SEC("tracepoint/tcp/tcp_send_reset")

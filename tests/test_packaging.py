@@ -236,6 +236,20 @@ EL9_PYTHON = "3.9"
 EL9_BASEOS = ("PyYAML==5.4.1", "requests==2.25.1", "urllib3==1.26.5", "idna==2.10", "chardet==4.0.0", "certifi")
 
 
+def feature_check(*path: str) -> str:
+    """Python source: with ``path`` first on sys.path (as the launcher does), import every optional
+    feature (Hubble gRPC client, OTLP gRPC/HTTP exporters), build the exporters, and print where
+    grpc and protobuf came from."""
+    return (
+        f"import sys; sys.path[:0] = {list(path)!r};"
+        "import grpc, google.protobuf, agent.hubble.client, agent.hubble.proto_gen.observer.observer_pb2_grpc;"
+        "from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter;"
+        "from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as H;"
+        "OTLPMetricExporter(endpoint='localhost:4317', insecure=True); H(endpoint='http://localhost:4318');"
+        "print('grpc from', grpc.__file__); print('protobuf from', google.protobuf.__file__);"
+    )
+
+
 def python39() -> Optional[str]:
     for candidate in (
         shutil.which(f"python{EL9_PYTHON}"),
@@ -269,15 +283,10 @@ def test_rpm_bundle_runs_on_el9_python(packages: tuple[Path, Path], tmp_path: Pa
     lib = root / "usr/lib/tfo-agent"
     out = run(
         python, "-I", "-c",
-        f"import sys; sys.path[:0] = ['{lib}', '{lib}/vendor', '{baseos}'];"
-        "import grpc, google.protobuf, agent.hubble.client, agent.hubble.proto_gen.observer.observer_pb2_grpc;"
-        "from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter;"
-        "from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as H;"
-        "OTLPMetricExporter(endpoint='localhost:4317', insecure=True); H(endpoint='http://localhost:4318');"
-        f"assert grpc.__file__.startswith('{lib}/vendor/'), grpc.__file__;"
-        "from agent.cli import main;"
+        feature_check(str(lib), f"{lib}/vendor", str(baseos)) + "from agent.cli import main;"
         f"sys.exit(main(['version']) or main(['config', 'validate', '{cfg}']) or main(['check', '-c', '{cfg}']))",
     )  # fmt: skip
+    assert f"grpc from {lib}/vendor/grpc/" in out and f"protobuf from {lib}/vendor/google/protobuf/" in out
     assert f"tfo-agent {__version__}" in out
     assert "host can run this configuration" in out
 
@@ -413,14 +422,9 @@ def test_cli_runs_in_clean_root(installed: tuple[Chroot, set[str]]) -> None:
     assert "host can run this configuration" in out
     assert re.search(r"\[OK\s*\] collector syscalls", out)
     # Every optional feature imports with Debian's grpcio/protobuf and the bundled OpenTelemetry.
-    root(
-        "python3", "-I", "-c",
-        "import sys; sys.path[:0] = ['/usr/lib/tfo-agent', '/usr/lib/tfo-agent/vendor'];"
-        "import agent.hubble.client, agent.hubble.proto_gen.observer.observer_pb2_grpc;"
-        "from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter;"
-        "from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as H;"
-        "OTLPMetricExporter(endpoint='localhost:4317', insecure=True); H(endpoint='http://localhost:4318')",
-    )  # fmt: skip
+    out = root("python3", "-I", "-c", feature_check("/usr/lib/tfo-agent", "/usr/lib/tfo-agent/vendor"))
+    assert "grpc from /usr/lib/python3/dist-packages/grpc/" in out
+    assert "protobuf from /usr/lib/python3/dist-packages/google/protobuf/" in out
 
 
 def test_packaged_agent_serves_ebpf_metrics_with_unit_capabilities(installed: tuple[Chroot, set[str]]) -> None:

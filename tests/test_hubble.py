@@ -186,7 +186,7 @@ def test_rate_limit_caps_and_counts_excess() -> None:
     assert processed <= 1000 * elapsed
     assert exported_flows == processed
     assert limited == len(msgs) - processed
-    assert limited > len(msgs) / 2
+    assert limited > 0
 
 
 def test_sampling_scales_back_within_5_percent() -> None:

@@ -492,13 +492,16 @@ def wait_total(port: int, timeout: float = 90) -> float:
     pytest.fail(f"no ebpf_syscall_count_total on port {port} within {timeout}s")
 
 
+@pytest.mark.parametrize("bpffs", ["host", "unit"])
 def test_service_runs_hardened_under_booted_systemd(
-    installed: tuple[Chroot, set[str]], newer_deb: Path, tmp_path: Path
+    installed: tuple[Chroot, set[str]], newer_deb: Path, tmp_path: Path, bpffs: str
 ) -> None:
     """Boot the root's systemd (systemd-nspawn, changes discarded): the packaged, enabled unit
     starts with its sandbox, serves ebpf_* metrics, keeps counters across a restart and an
-    upgrade (which restarts it), reloads."""
+    upgrade (which restarts it), reloads. bpffs is the host's (bound in: the bpffs unit stays
+    skipped), or none (the container's systemd mounts none: tfo-agent-bpffs.service must)."""
     root, _ = installed
+    host_bpffs = ["--bind=/sys/fs/bpf"] if bpffs == "host" else []
     port, pin = free_port(), f"/sys/fs/bpf/tfo-pkgtest-{uuid.uuid4().hex[:8]}"
     cfg = tmp_path / "config.yaml"
     cfg.write_text(
@@ -514,7 +517,7 @@ def test_service_runs_hardened_under_booted_systemd(
          "-D", str(root.root), "-b",
          # what a host gives the service: the capabilities and syscalls it keeps, the kernel's files
          "--capability=CAP_BPF,CAP_PERFMON", "--system-call-filter=bpf perf_event_open",
-         "--bind=/sys/fs/bpf", "--bind-ro=/sys/kernel/btf", "--bind-ro=/sys/kernel/tracing",
+         *host_bpffs, "--bind-ro=/sys/kernel/btf", "--bind-ro=/sys/kernel/tracing",
          f"--bind-ro={cfg}:/etc/tfo-agent/config.yaml", f"--bind-ro={newer_deb}:/opt/{newer_deb.name}"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -526,6 +529,9 @@ def test_service_runs_hardened_under_booted_systemd(
             return run("nsenter", "-t", init, "-a", *cmd, timeout=120)
 
         assert inside("systemctl", "is-enabled", "tfo-agent").strip() == "enabled"
+        mounted_by_unit = inside("systemctl", "show", "-p", "ActiveState", "--value", "tfo-agent-bpffs").strip()
+        assert mounted_by_unit == ("inactive" if bpffs == "host" else "active")
+        assert re.search(r" /sys/fs/bpf \S+ .* - bpf ", inside("cat", "/proc/1/mountinfo"))
         main_pid = inside("systemctl", "show", "-p", "MainPID", "--value", "tfo-agent").strip()
         status = dict(
             line.split(":\t", 1) for line in inside("cat", f"/proc/{main_pid}/status").splitlines() if ":\t" in line

@@ -82,6 +82,7 @@ def test_recorded_flows_totals(name: str) -> None:
         assert sum(v for _, v in x.get("hubble_drop_bytes", [])) == sum(_masked_size(line) for line in drops)
         assert self_metric(h, "messages_received") == len(lines)
         assert self_metric(h, "decode_errors") == 0
+        assert self_metric(h, "flow_errors") == 0
 
 
 def test_every_family_exported_with_kind_and_no_total_suffix() -> None:

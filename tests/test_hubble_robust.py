@@ -136,6 +136,7 @@ def test_newer_cilium_unknown_enums_fields_and_undecodable_messages() -> None:
         settle(h, len(messages))
         x = exported(h)
         assert self_metric(h, "decode_errors") == 1
+        assert self_metric(h, "flow_errors") == 0
         assert by(x["hubble_drop"], "reason") == {"250": 1}
         assert by(x["hubble_flows"], "verdict") == {"DROPPED": 1, "42": 1, "FORWARDED": 3}
         assert by(x["hubble_flows"], "protocol") == {"TCP": 4, "": 1}

@@ -155,6 +155,8 @@ class HubbleIntegration:
     def status(self) -> tuple[bool, str]:
         """(ready, reason): ready once connected to the relay."""
         st = self.stream.stats
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return False, "the flow aggregator thread stopped"
         if st.connected:
             return True, f"streaming flows from {self.cfg.hubble_address}"
         return False, f"not connected to {self.cfg.hubble_address}: {st.last_error}"
@@ -194,6 +196,7 @@ class HubbleIntegration:
         one("flows_filtered", c, "Flows skipped by watch_namespaces / exclude_namespaces", agg.flows_filtered)
         one("flows_duplicate", c, "Flows re-sent after a reconnect and skipped (already counted)", agg.flows_duplicate)
         one("decode_errors", c, "Messages that could not be decoded and were skipped", agg.decode_errors)
+        one("flow_errors", c, "Decoded flows the aggregator failed on and skipped", agg.flow_errors)
         one("windows", c, "Aggregation windows published", agg.windows)
         per("lost_events", "source", "Events the relay reported lost (lost_events notices)", agg.lost_events)
         per("node_status_events", "state", "Node status notices from the relay", agg.node_status)

@@ -268,6 +268,7 @@ class Stats:
         self.flows_filtered = 0
         self.flows_duplicate = 0
         self.decode_errors = 0
+        self.flow_errors = 0
         self.windows = 0
         self.lost_events: dict[str, int] = {}
         self.node_status: dict[str, int] = {}
@@ -319,7 +320,10 @@ class Aggregator:
             return
         which = resp.WhichOneof("response_types")
         if which == "flow":
-            self._add_flow(resp.flow, raw, resp.node_name)
+            try:
+                self._add_flow(resp.flow, raw, resp.node_name)
+            except Exception:  # a flow this code cannot handle must not stop the aggregation
+                self.stats.flow_errors += 1
         elif which == "lost_events":
             lost = resp.lost_events
             src = LOST_SOURCES.get(lost.source) or str(lost.source)

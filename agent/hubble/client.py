@@ -197,6 +197,10 @@ class FlowStream:
                 attempt += 1
                 code = exc.code() if hasattr(exc, "code") else None
                 self.stats.last_error = f"{code.name if code else 'error'}: {exc.details() if code else exc}"
+            except Exception as exc:  # anything else: report it and keep reconnecting, never die quietly
+                attempt += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("hubble: reader error: %s", self.stats.last_error)
             finally:
                 self.stats.connected = False
                 channel.close()

@@ -10,7 +10,9 @@ Rates are per CPU-second of the workload (user + system time), not per wall-cloc
 other load on the host does not pass for overhead. Other BPF programs on the syscall path (another
 agent, a tracer) would burden every configuration, the untraced one included: before each
 configuration the bench waits until no such program is loaded, and says how often it had to give
-up. Figures are medians over the rounds; loss is relative to the untraced median.
+up. Each configuration is compared with the untraced run of the same round (paired, so that drift
+in the host's load cancels) and the figure is the median over the rounds; a second untraced run
+per round, compared the same way, shows the noise floor.
 
 Run: .venv/bin/python -m bench.bench_file_io [--rounds 5] [--seconds 3]
 """
@@ -112,6 +114,7 @@ int main(int argc, char **argv) {
 DEFAULTS = {"collect_syscalls": True, "collect_network": True, "collect_file_io": True, "collect_tcp_events": True}
 CONFIGS: dict[str, Optional[dict[str, Any]]] = {
     "untraced": None,
+    "untraced again (noise floor)": None,
     "file_io": {"collect_syscalls": False, "collect_file_io": True},
     "defaults": DEFAULTS,
     "defaults+sched+mem": {**DEFAULTS, "collect_scheduler": True, "collect_memory": True},
@@ -121,6 +124,9 @@ WORKLOADS = {  # name -> (mode, higher is better)
     "4 KiB cached pread (MB/s)": ("pread", True),
     "getppid (ns/call)": ("getppid", False),
 }
+
+
+SETTLE = 1.0  # seconds between start and workloads: collectors' start-up work is not the workload's
 
 
 def foreign_syscall_hooks() -> list[str]:
@@ -151,8 +157,8 @@ def run_workloads(exe: Path, data: Path, seconds: float) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=3.0, help="CPU seconds of each workload run")
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--seconds", type=float, default=1.0, help="CPU seconds of each workload run")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-fio-"))
     data = work / "data"
@@ -168,6 +174,7 @@ def main() -> int:
             noisy += not wait_quiet()
             agent = Agent({"integrations": {"ebpf": ebpf}}, work).start() if ebpf is not None else None
             try:
+                time.sleep(SETTLE)
                 for w, v in run_workloads(exe, data, args.seconds).items():
                     results[config][w].append(v)
             finally:
@@ -176,22 +183,25 @@ def main() -> int:
                     agent.remove_pins()
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    base = {w: statistics.median(results["untraced"][w]) for w in WORKLOADS}
+    base = results["untraced"]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\nmedian of {args.rounds} interleaved rounds, {args.seconds:g} CPU-s per run; load average {load}")
+    print(f"\n{args.rounds} interleaved rounds, {args.seconds:g} CPU-s per run; load average {load}")
     print(f"runs with another program on the syscall tracepoints: {noisy} of {args.rounds * len(CONFIGS)}")
+    print("median; in brackets the median over rounds of the change against the same round's untraced run")
     print(f"| configuration | {' | '.join(WORKLOADS)} |")
     print(f"|---|{'---|' * len(WORKLOADS)}")
     for config in CONFIGS:
         cells = []
         for w, (_, higher_is_better) in WORKLOADS.items():
-            med = statistics.median(results[config][w])
+            runs, med = results[config][w], statistics.median(results[config][w])
             if config == "untraced":
                 cells.append(f"{med:,.1f}")
             elif higher_is_better:
-                cells.append(f"{med:,.1f} ({100 * (1 - med / base[w]):+.1f}% loss)")
+                loss = statistics.median(100 * (1 - v / b) for v, b in zip(runs, base[w]))
+                cells.append(f"{med:,.1f} ({loss:+.1f}% loss)")
             else:
-                cells.append(f"{med:,.1f} ({med - base[w]:+.1f} ns)")
+                added = statistics.median(v - b for v, b in zip(runs, base[w]))
+                cells.append(f"{med:,.1f} ({added:+.1f} ns)")
         print(f"| {config} | {' | '.join(cells)} |")
     return 0
 

@@ -16,6 +16,7 @@ pinned grpcio-tools). Stages, under build/stage/:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import importlib.util
@@ -183,7 +184,16 @@ def stage_tree(version: str) -> None:
 
 
 def build(version: str, out: Path, formats: list[str]) -> list[Path]:
-    """Stage the tree and let nfpm write one package per format into ``out``; returns their paths."""
+    """Stage the tree and let nfpm write one package per format into ``out``; returns their paths.
+
+    Holds build/package.lock: concurrent builds in one work tree take turns on build/stage/."""
+    BUILD.mkdir(exist_ok=True)
+    with (BUILD / "package.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return package(version, out, formats)
+
+
+def package(version: str, out: Path, formats: list[str]) -> list[Path]:
     stage_tree(version)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TFO_VERSION": version, "TFO_HOMEPAGE": homepage()}

@@ -9,6 +9,7 @@ after apt downloaded the distro dependencies: nothing is fetched from PyPI or an
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -315,15 +316,18 @@ def base_root() -> Path:
     mirror = debian_mirror()
     key = hashlib.sha256(f"{DEBOOTSTRAP_RECIPE} {mirror}".encode()).hexdigest()[:16]
     base = CACHE / f"debootstrap-{SUITE}-{key}"
-    if not (base / "root" / "usr" / "bin" / "apt-get").exists():
-        tmp = base.with_name(base.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        start = time.monotonic()
-        run("debootstrap", "--variant=minbase", SUITE, tmp / "root", mirror, timeout=1800)
-        print(f"debootstrap: {time.monotonic() - start:.1f}s")
-        shutil.rmtree(base, ignore_errors=True)
-        tmp.rename(base)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / f"{base.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run waits, then finds the base made
+        if not (base / "root" / "usr" / "bin" / "apt-get").exists():
+            tmp = base.with_name(base.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            start = time.monotonic()
+            run("debootstrap", "--variant=minbase", SUITE, tmp / "root", mirror, timeout=1800)
+            print(f"debootstrap: {time.monotonic() - start:.1f}s")
+            shutil.rmtree(base, ignore_errors=True)
+            tmp.rename(base)
     return base / "root"
 
 

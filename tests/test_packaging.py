@@ -14,7 +14,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-import yaml
 
 from agent import __version__, config
 from tests.conftest import ROOT, free_port, parse_metrics
@@ -429,38 +427,6 @@ def test_cli_runs_in_clean_root(installed: tuple[Chroot, set[str]]) -> None:
     out = root("python3", "-I", "-c", feature_check("/usr/lib/tfo-agent", "/usr/lib/tfo-agent/vendor"))
     assert "grpc from /usr/lib/python3/dist-packages/grpc/" in out
     assert "protobuf from /usr/lib/python3/dist-packages/google/protobuf/" in out
-
-
-def test_packaged_agent_serves_ebpf_metrics_with_unit_capabilities(installed: tuple[Chroot, set[str]]) -> None:
-    """`tfo-agent run` from the package, with only the unit's CapabilityBoundingSet, serves ebpf_*."""
-    root, _ = installed
-    unit = (PACKAGING / "systemd" / "tfo-agent.service").read_text()
-    caps = re.search(r"^CapabilityBoundingSet=(.+)$", unit, re.MULTILINE)
-    assert caps
-    bounding = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in caps.group(1).split())])
-    port, pin = free_port(), f"/sys/fs/bpf/tfo-pkgtest-{uuid.uuid4().hex[:8]}"
-    cfg = {
-        "integrations": {"ebpf": {"pin_path": pin, "scrape_interval": "1s"}},
-        "exporters": {"prometheus": {"listen_address": f"127.0.0.1:{port}"}},
-    }
-    (root.root / "tmp/run.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = ["chroot", str(root.root), "setpriv", f"--bounding-set={bounding}", "--inh-caps=-all",
-           "tfo-agent", "run", "-c", "/tmp/run.yaml"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline, series = time.monotonic() + 30, {}
-        while time.monotonic() < deadline and not any(n.startswith("ebpf_syscall_count") for n, _ in series):
-            time.sleep(1)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                    series = parse_metrics(resp.read().decode())
-            except OSError:
-                continue
-        assert any(n.startswith("ebpf_syscall_count") for n, _ in series), proc.stdout and proc.stdout.read1()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        root("tfo-agent", "cleanup", "-c", "/tmp/run.yaml")
 
 
 def test_systemd_accepts_the_units(installed: tuple[Chroot, set[str]]) -> None:

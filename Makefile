@@ -41,12 +41,12 @@ run: setup
 	$(VENV)/bin/tfo-agent run -c config/dev.yaml
 
 test: setup
-	$(VENV)/bin/ruff check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench packaging
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check agent tests bench
-	$(VENV)/bin/ruff format --check agent tests bench
+	$(VENV)/bin/ruff check agent tests bench packaging
+	$(VENV)/bin/ruff format --check agent tests bench packaging
 
 # Packages: dist/tfo-agent_<version>_amd64.deb and dist/tfo-agent-<version>.x86_64.rpm (packaging/README.md).
 PKG_VENV := build/pkg-venv

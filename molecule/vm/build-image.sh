@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build (or reuse) the Debian 12 base disk image the molecule VMs boot from.
 #
+#   build-image.sh [EXTRA_PACKAGE...]
+#
 # Everything comes from Debian's archive via debootstrap: no cloud images, no other downloads.
 # The result lives OUTSIDE the repository, keyed by a hash of this script, so a rerun with an
 # unchanged script only prints the paths:
@@ -24,11 +26,16 @@ SIZE=3G
 PACKAGES=(
   linux-image-amd64 systemd-sysv udev kmod dbus openssh-server sudo python3 python3-apt
   libnss-myhostname iproute2 procps less ca-certificates curl libcap2-bin libbpf1 bpftool
-  python3-yaml python3-prometheus-client python3-grpcio python3-protobuf
+  python3-yaml python3-prometheus-client python3-grpcio python3-protobuf python3-requests
+  python3-deprecated python3-typing-extensions
 )
+# Extra packages (e.g. the Depends of the package under test that the list above lacks) come
+# as arguments; they are part of the cache key.
+EXTRA=("$@")
+PACKAGES+=("${EXTRA[@]}")
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-key="$(sha256sum "$here/build-image.sh" | cut -c1-16)"
+key="$({ cat "$here/build-image.sh"; printf '%s\n' "${EXTRA[@]}" | sort -u; } | sha256sum | cut -c1-16)"
 out="$CACHE/$key"
 
 if [[ -s "$out/base.qcow2" && -s "$out/vmlinuz" && -s "$out/initrd.img" && -s "$out/id_ed25519" ]]; then

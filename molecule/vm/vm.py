@@ -7,8 +7,9 @@ TCG otherwise. Networking is qemu's user-mode network with ``restrict=on``: the 
 nothing but its port forwards, which are bound to 127.0.0.1 only (SSH and the agent's metrics
 port). Every wait is bounded.
 
-    vm.py up   --state-dir DIR --name NAME [--memory MiB] [--timeout S]   -> prints JSON
-    vm.py down --state-dir DIR --name NAME [--timeout S]
+    vm.py build [--package DEB]                                                     -> image dir
+    vm.py up    --state-dir DIR --name NAME [--memory MiB] [--timeout S] [--package DEB] -> JSON
+    vm.py down  --state-dir DIR --name NAME [--timeout S]
 """
 
 from __future__ import annotations
@@ -44,9 +45,28 @@ def log(msg: str) -> None:
     print(f"vm.py: {msg}", file=sys.stderr, flush=True)
 
 
-def build_image() -> Path:
-    """Run build-image.sh (a no-op when cached) and return the image directory."""
-    out = subprocess.run([str(HERE / "build-image.sh")], check=True, stdout=subprocess.PIPE, text=True, timeout=1800)
+def package_depends(package: Path | None) -> list[str]:
+    """Names of a .deb's Depends (first of each alternative), to preinstall in the image."""
+    if package is None:
+        return []
+    field = subprocess.run(
+        ["dpkg-deb", "-f", str(package), "Depends"], check=True, stdout=subprocess.PIPE, text=True, timeout=60
+    ).stdout
+    names = []
+    for dep in field.split(","):
+        name = dep.split("|")[0].strip().split(" ")[0].split("(")[0].split(":")[0]
+        if name:
+            names.append(name)
+    return sorted(set(names))
+
+
+def build_image(package: Path | None = None) -> Path:
+    """Run build-image.sh (a no-op when cached) and return the image directory.
+
+    The Depends of the package under test are installed in the image, as the VMs have no network.
+    """
+    cmd = [str(HERE / "build-image.sh"), *package_depends(package)]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, timeout=1800)
     return Path(out.stdout.strip().splitlines()[-1])
 
 
@@ -112,8 +132,8 @@ def ssh_ready(key: Path, port: int) -> bool:
         return False
 
 
-def up(state_dir: Path, name: str, memory: int, timeout: float) -> dict[str, object]:
-    image = build_image()
+def up(state_dir: Path, name: str, memory: int, timeout: float, package: Path | None) -> dict[str, object]:
+    image = build_image(package)
     vmdir = state_dir / name
     vmdir.mkdir(parents=True, exist_ok=True)
     pidfile = vmdir / "qemu.pid"
@@ -232,14 +252,15 @@ def main() -> int:
     ap.add_argument("--name", default="")
     ap.add_argument("--memory", type=int, default=1024)
     ap.add_argument("--timeout", type=float, default=180.0)
+    ap.add_argument("--package", type=Path, default=None, help="the .deb under test (its Depends go in the image)")
     args = ap.parse_args()
     if args.action == "build":
-        print(build_image())
+        print(build_image(args.package))
         return 0
     if not args.name:
         ap.error("--name is required")
     if args.action == "up":
-        print(json.dumps(up(args.state_dir, args.name, args.memory, args.timeout)))
+        print(json.dumps(up(args.state_dir, args.name, args.memory, args.timeout, args.package)))
     else:
         down(args.state_dir, args.name, args.timeout)
     return 0

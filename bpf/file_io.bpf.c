@@ -101,13 +101,12 @@ static __always_inline int on_enter(long id, long fd)
 	struct tfo_task *t;
 	__u32 op = file_op(id);
 
-	if (in_compat_syscall(task))
+	/* Reads and writes of sockets and pipes stop here, before any storage lookup: t->ts is only
+	 * set from here to the matching exit, which always clears it. */
+	if (in_compat_syscall(task) || (op != FOP_OPEN && !fd_is_regular(task, fd)))
 		return 0;
 	t = tfo_task_observed(task);
-	if (!t)
-		return 0;
-	t->ts = 0;
-	if (!tfo_sampled() || (op != FOP_OPEN && !fd_is_regular(task, fd)))
+	if (!t || !tfo_sampled())
 		return 0;
 	t->aux = op;
 	t->ts = bpf_ktime_get_ns();

@@ -3,7 +3,7 @@
 Configurations, interleaved round by round (one agent at a time, started before and stopped after
 each configuration's workloads): untraced; the file_io collector alone; the seed's default
 collectors (syscalls, network, file I/O, tcp events); the defaults plus scheduler and memory.
-Workloads (C, fixed duration, page cache warm so that the syscall path is what is measured):
+Workloads (C, fixed duration, files on tmpfs so that the syscall path is what is measured):
 small files (create + write 4 KiB + close, then open + read 4 KiB + close, over 256 files),
 4 KiB pread64 of a cached file, and a getppid loop (a syscall the file collector must skip cheaply).
 Rates are per CPU-second of the workload (user + system time), not per wall-clock second, so that
@@ -12,7 +12,9 @@ agent, a tracer) would burden every configuration, the untraced one included: be
 configuration the bench waits until no such program is loaded, and says how often it had to give
 up. Each configuration is compared with the untraced run of the same round (paired, so that drift
 in the host's load cancels) and the figure is the median over the rounds; a second untraced run
-per round, compared the same way, shows the noise floor.
+per round, compared the same way, shows the noise floor. Last, one run of the workloads under the
+defaults plus scheduler and memory with ``kernel.bpf_stats_enabled`` switched on (and back to its
+previous value) gives each BPF program's cost per run.
 
 Run: .venv/bin/python -m bench.bench_file_io [--rounds 5] [--seconds 3]
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -145,6 +148,30 @@ def wait_quiet(timeout: float = 300.0) -> bool:
     return True
 
 
+def program_costs(exe: Path, data: Path, work: Path, seconds: float) -> dict[str, tuple[int, int]]:
+    """BPF program name -> (runs, ns) over one run of the workloads, all collectors on."""
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    agent = Agent({"integrations": {"ebpf": CONFIGS["defaults+sched+mem"]}}, work).start()
+    previous = stats.read_text()
+    try:
+        time.sleep(SETTLE)
+        stats.write_text("1")
+        try:
+            run_workloads(exe, data, seconds)
+        finally:
+            stats.write_text(previous)
+        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    finally:
+        agent.stop()
+        agent.remove_pins()
+    costs: dict[str, tuple[int, int]] = {}
+    for prog in json.loads(out):
+        if prog.get("run_cnt"):
+            runs, ns = costs.get(prog["name"], (0, 0))
+            costs[prog["name"]] = (runs + prog["run_cnt"], ns + prog["run_time_ns"])
+    return costs
+
+
 def run_workloads(exe: Path, data: Path, seconds: float) -> dict[str, float]:
     out = {}
     for name, (mode, _) in WORKLOADS.items():
@@ -161,27 +188,32 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=1.0, help="CPU seconds of each workload run")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-fio-"))
-    data = work / "data"
-    data.mkdir()
+    # tmpfs when there is one: on ext4 two untraced runs in a row differed by 7-9% (writeback, journal)
+    data = Path(tempfile.mkdtemp(prefix="tfo-bench-fio-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     (work / "fiobench.c").write_text(WORKLOAD)
     exe = work / "fiobench"
     subprocess.run(["gcc", "-O2", "-o", str(exe), str(work / "fiobench.c")], check=True)
 
-    results: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in CONFIGS}
-    noisy = 0
-    for r in range(args.rounds):
-        for config, ebpf in CONFIGS.items():
-            noisy += not wait_quiet()
-            agent = Agent({"integrations": {"ebpf": ebpf}}, work).start() if ebpf is not None else None
-            try:
-                time.sleep(SETTLE)
-                for w, v in run_workloads(exe, data, args.seconds).items():
-                    results[config][w].append(v)
-            finally:
-                if agent:
-                    agent.stop()
-                    agent.remove_pins()
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    try:
+        results: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in CONFIGS}
+        noisy = 0
+        for r in range(args.rounds):
+            for config, ebpf in CONFIGS.items():
+                noisy += not wait_quiet()
+                agent = Agent({"integrations": {"ebpf": ebpf}}, work).start() if ebpf is not None else None
+                try:
+                    time.sleep(SETTLE)
+                    for w, v in run_workloads(exe, data, args.seconds).items():
+                        results[config][w].append(v)
+                finally:
+                    if agent:
+                        agent.stop()
+                        agent.remove_pins()
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+        costs = program_costs(exe, data, work, args.seconds)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
 
     base = results["untraced"]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -203,6 +235,12 @@ def main() -> int:
                 added = statistics.median(v - b for v, b in zip(runs, base[w]))
                 cells.append(f"{med:,.1f} ({added:+.1f} ns)")
         print(f"| {config} | {' | '.join(cells)} |")
+
+    print("\nper BPF program, one run of the workloads, all collectors on (bpf_stats adds ~20-30 ns a run):")
+    print("| program | runs | ns per run | ms in total |")
+    print("|---|---|---|---|")
+    for name, (runs, ns) in sorted(costs.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {name} | {runs:,} | {ns / runs:,.0f} | {ns / 1e6:,.0f} |")
     return 0
 
 

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.hubble.client import FIELD_MASK, IDLE_WAIT, NAP
+from agent.hubble.client import FIELD_MASK, read_in_bursts
 from agent.hubble.demo import demo_flows
 from agent.hubble.replay import ReplayRelay, to_records
 
@@ -67,16 +67,12 @@ def child(mode: str, addr: str, flows: int) -> None:
         print("ready", flush=True)
         n = 0
         stream = call(req)
-        ready = time.monotonic()
-        for raw in stream:
-            if naps and time.monotonic() - ready > IDLE_WAIT:  # the agent reader's burst reading
-                time.sleep(NAP)
+        for raw in read_in_bursts(stream) if naps else stream:  # as the agent's reader reads, or plain
             if decode:
                 parse(raw)
             n += 1
             if n >= flows:
                 break
-            ready = time.monotonic()
         stream.cancel()
         print("done", n, flush=True)
     sys.stdin.read()  # hold still until the parent has read our CPU time

@@ -30,7 +30,7 @@ bpf: apt
 	$(MAKE) -s -C bpf
 
 protos: venv
-	$(PY) -m agent.hubble.build_protos
+	$(PY) agent/hubble/build_protos.py
 
 TFO_HUBBLE ?= 127.0.0.1:4245
 export TFO_HUBBLE

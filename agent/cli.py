@@ -137,6 +137,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
         finally:
             collector.stop()
+    cilium = ebpf.cilium
+    if cilium.enabled and "cilium" not in unavailable_features(cfg):
+        from agent.hubble import resolve_node_name
+
+        node, source = resolve_node_name(cilium)
+        scope = f"node scope as node {node!r} (from {source})" if cilium.flow_scope == "node" else "cluster scope"
+        checks.append(host.Check("hubble flows", "ok", f"{cilium.hubble_address}, {scope}"))
     for feature in unavailable_features(cfg):
         checks.append(
             host.Check(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,18 @@ def test_check_fails_with_remedy_when_a_collector_cannot_load(tmp_path: Path) ->
     assert all(name.startswith("collector ") for name in failing), failing
     assert "not found" in failing["collector syscalls"]["found"]
     assert "kernel version compatibility" in failing["collector syscalls"]["remedy"]
+
+
+def test_check_shows_which_node_name_hubble_uses(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        f"integrations:\n  ebpf:\n    programs_path: {ROOT / 'bpf'}\n"
+        "    cilium: {enabled: true, hubble_tls_enabled: false}\n"
+    )
+    env = {**os.environ, "NODE_NAME": "worker-7"}
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "check", "-c", str(path)], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert (
+        "[OK  ] hubble flows: hubble-relay.kube-system.svc:4245, node scope as node 'worker-7' (from env)" in out.stdout
+    )

@@ -121,7 +121,7 @@ def self_metric(h: HubbleIntegration, name: str) -> float:
 
 
 def expected(lines: list[dict[str, Any]]) -> dict[str, Counter]:
-    """Metric totals computed from Hubble JSON lines, following the rules in agent/hubble/README.md."""
+    """Metric totals computed from Hubble JSON lines, following the rules in the README (Cilium Hubble)."""
     e: dict[str, Counter] = {
         k: Counter()
         for k in (

@@ -1,5 +1,5 @@
 """Network collector (``bpf/network.bpf.c``): TCP/UDP bytes and packets, connections, connect
-latency, RTT and retransmissions. See ``README-network.md`` for exactly what each metric counts.
+latency, RTT and retransmissions. The README says exactly what each metric counts.
 
 Also home of ``TcpStateCollector``, the base both TCP collectors share for the
 ``ebpf_tcp_connections`` gauge (``bpf/tcp_state.bpf.h``).

@@ -80,4 +80,64 @@ int BPF_PROG(tpbtf_mark_victim, struct task_struct *victim)
 	return 0;
 }
 
+/* raw_tp mode, for kernels whose tracepoint arguments BTF-typed programs cannot take as declared
+ * (6.1: kmalloc's `const void *`, mark_victim's bare pid): arguments are plain u64 here. OOM kills
+ * are seen when a victim process's last thread exits (its signal struct carries the OOM mm from
+ * mark_oom_victim on), so the victim is the current task and its name is at hand. */
+SEC("raw_tp/page_fault_user")
+int BPF_PROG(raw_page_fault_user)
+{
+	count_current(V_FAULTS);
+	return 0;
+}
+
+SEC("raw_tp/page_fault_kernel")
+int BPF_PROG(raw_page_fault_kernel, unsigned long address)
+{
+	if ((long)address >= 0)
+		count_current(V_FAULTS);
+	return 0;
+}
+
+SEC("raw_tp/mm_page_alloc")
+int BPF_PROG(raw_mm_page_alloc, unsigned long page)
+{
+	if (page)
+		count_current(V_PAGE_ALLOCS);
+	return 0;
+}
+
+SEC("raw_tp/kmalloc")
+int BPF_PROG(raw_kmalloc, unsigned long call_site, unsigned long ptr)
+{
+	if (ptr)
+		count_current(V_SLAB_ALLOCS);
+	return 0;
+}
+
+SEC("raw_tp/kmem_cache_alloc")
+int BPF_PROG(raw_kmem_cache_alloc, unsigned long call_site, unsigned long ptr)
+{
+	if (ptr)
+		count_current(V_SLAB_ALLOCS);
+	return 0;
+}
+
+SEC("raw_tp/sched_process_exit")
+int BPF_PROG(raw_process_exit)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct signal_struct *sig = task->signal;
+	struct tfo_comm_val *v;
+
+	if (!sig || !sig->oom_mm || sig->live.counter) /* not a victim, or not its last thread */
+		return 0;
+	if (!tfo_task_observed(task))
+		return 0;
+	v = tfo_comm_counters(task);
+	if (v)
+		v->v[V_OOM_KILLS] += TFO_UNIT;
+	return 0;
+}
+
 TFO_FILTER_PROGRAMS

@@ -389,6 +389,34 @@ int BPF_PROG(raw_retransmit, const struct sock *sk, const struct sk_buff *skb, i
 	return on_retransmit(skb, err);
 }
 
+/* fentry mode, for kernels before 6.3 (no sock_send_length/sock_recv_length tracepoints): the bytes
+ * come from fexit on sock_sendmsg/sock_recvmsg, where every socket send/receive passes, the rest
+ * from BTF tracepoints. tcp_retransmit_skb had no err argument then (it traced successful
+ * retransmissions only). Chosen only when the tracepoint modes fail, as fentry is probed too. */
+SEC("fexit/sock_sendmsg")
+int BPF_PROG(fentry_send, struct socket *sock, struct msghdr *msg, int ret)
+{
+	return on_msg(sock->sk, ret, 0, SENT, true);
+}
+
+SEC("fexit/sock_recvmsg")
+int BPF_PROG(fentry_recv, struct socket *sock, struct msghdr *msg, int flags, int ret)
+{
+	return on_msg(sock->sk, ret, flags, RECEIVED, true);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(fentry_set_state, const struct sock *sk, int oldstate, int newstate)
+{
+	return on_state(sk, oldstate, newstate, true);
+}
+
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(fentry_retransmit, const struct sock *sk, const struct sk_buff *skb)
+{
+	return on_retransmit(skb, 0);
+}
+
 SEC("tracepoint/sock/sock_send_length")
 int tp_send(struct trace_event_raw_sock_msg_length *ctx)
 {

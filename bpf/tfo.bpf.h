@@ -220,6 +220,10 @@ static __always_inline void tfo_on_rename(void)
 	SEC("tp_btf/task_rename")                                       \
 	int tpbtf_task_rename(void *ctx) { tfo_on_rename(); return 0; } \
 	SEC("tp_btf/cgroup_attach_task")                                \
-	int tpbtf_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; }
+	int tpbtf_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; } \
+	SEC("tp_btf/task_rename")                                       \
+	int fentry_task_rename(void *ctx) { tfo_on_rename(); return 0; } \
+	SEC("tp_btf/cgroup_attach_task")                                \
+	int fentry_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; }
 
 #endif /* TFO_BPF_H */

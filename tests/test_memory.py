@@ -13,6 +13,8 @@ from typing import Callable
 
 import pytest
 
+from agent.collectors import FORCE_ATTACH_ENV
+from agent.collectors.memory import MemoryCollector
 from tests.conftest import Agent, wait_for
 from tests.test_file_io import UNCAPPED, Workload
 
@@ -64,10 +66,31 @@ def vmstat(key: str) -> int:
     return 0
 
 
-def test_page_faults_match_proc(agent_factory: Callable[..., Agent], build_c: Callable[[str, str], Path]) -> None:
+MODES = [m[0] for m in MemoryCollector.modes]
+
+
+def forced(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Pin the memory collector of agents started from now on to one attach mode."""
+    monkeypatch.setenv(FORCE_ATTACH_ENV, f"memory={mode}")
+
+
+def attach_types(agent: Agent) -> set[str]:
+    return {
+        dict(k[1])["attach_type"]
+        for k in agent.scrape()
+        if k[0] == "tfo_agent_program_attached" and dict(k[1])["collector"] == "memory"
+    }
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_page_faults_match_proc(
+    agent_factory: Callable[..., Agent], build_c: Callable[[str, str], Path], monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
     comm = f"pf_{uuid.uuid4().hex[:8]}"
     exe = build_c(comm, TOUCH)
+    forced(monkeypatch, mode)
     agent = agent_factory({"integrations": {"ebpf": {"collect_memory": True, **UNCAPPED}}})
+    assert attach_types(agent) == {mode}
     work = Workload(exe, Path(os.devnull))
     try:
         work.expect("done")
@@ -124,12 +147,15 @@ def memory_cgroup(limit: int) -> Iterator[Path]:
                 time.sleep(0.1)
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_oom_kill_counted_once_with_victim_name(
-    agent_factory: Callable[..., Agent], build_c: Callable[[str, str], Path]
+    agent_factory: Callable[..., Agent], build_c: Callable[[str, str], Path], monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     comm = f"oom_{uuid.uuid4().hex[:8]}"
     exe = build_c(comm, HOG)
+    forced(monkeypatch, mode)
     agent = agent_factory({"integrations": {"ebpf": {"collect_memory": True, **UNCAPPED}}})
+    assert attach_types(agent) == {mode}
 
     def all_kills() -> float:
         return sum(v for (name, _), v in agent.scrape().items() if name == "ebpf_oom_kills_total")

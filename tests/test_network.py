@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
+from agent.collectors import CollectorError
 from agent.collectors.network import NetworkCollector, TcpStateCollector
 from agent.collectors.tcp_events import TcpEventsCollector
 from agent.config import EbpfConfig
@@ -245,7 +246,12 @@ def test_every_attach_mode_counts(cls: type[TcpStateCollector], mode: tuple[str,
     cfg = replace(EbpfConfig(), programs_path=str(BPF_DIR), process_filter=(name,))
     collector = cls(cfg, Filters.from_config(cfg))
     collector.modes = (mode,)
-    collector.start(pin=False)
+    try:
+        collector.start(pin=False)
+    except CollectorError as exc:
+        if mode[0] == "fentry" and "Operation not permitted" in str(exc):
+            pytest.skip("this kernel refuses fentry/fexit (EPERM); the mode is proven on Debian's 6.1 in molecule")
+        raise
     try:
         assert collector.attach_type == mode[0]
         sink = spawn(name, SINK, host="127.0.0.1", conns=1)

@@ -25,6 +25,14 @@ log = logging.getLogger(__name__)
 # (attach type, program name prefix), most preferred first.
 DEFAULT_MODES: tuple[tuple[str, str], ...] = (("raw_tp", "raw_"), ("tracepoint", "tp_"))
 _BSS = struct.Struct("<IIQ")  # tfo_kgen, padding, tfo_map_full
+FORCE_ATTACH_ENV = "TFO_AGENT_FORCE_ATTACH"
+
+
+def forced_attach_types() -> dict[str, str]:
+    """``collector=attach_type,...`` from $TFO_AGENT_FORCE_ATTACH: pin a collector to one mode
+    (troubleshooting a kernel, and how the tests exercise every fallback)."""
+    items = (item.split("=", 1) for item in os.environ.get(FORCE_ATTACH_ENV, "").split(",") if "=" in item)
+    return {name.strip(): kind.strip() for name, kind in items}
 
 
 class CollectorError(RuntimeError):
@@ -65,8 +73,16 @@ class BpfCollector:
         if not os.path.exists(self.object_path):
             self.error = f"BPF object {self.object_path} not found (build with 'make -C bpf' or check programs_path)"
             raise CollectorError(self.error)
+        modes = self.modes
+        forced = forced_attach_types().get(self.name)
+        if forced:
+            modes = tuple(m for m in self.modes if m[0] == forced)
+            if not modes:
+                known = ", ".join(m[0] for m in self.modes)
+                self.error = f"{FORCE_ATTACH_ENV} asks for {forced!r}, {self.name} has: {known}"
+                raise CollectorError(self.error)
         reasons = []
-        for attach_type, prefix in self.modes:
+        for attach_type, prefix in modes:
             try:
                 self._start_mode(prefix, pin)
                 self.attach_type, self.error = attach_type, ""

@@ -11,12 +11,12 @@ from agent.collectors.comm_cap import COMM_MAPS, CommCollector, CommFamily
 
 
 class MemoryCollector(CommCollector):
-    """exceptions:page_fault_*, kmem:* and oom:mark_victim as BTF tracepoints."""
+    """exceptions:page_fault_*, kmem:* and oom:mark_victim as BTF tracepoints, else raw tracepoints."""
 
     name = "memory"
     switch = "collect_memory"
     pinned = COMM_MAPS
-    modes = (("tp_btf", "tpbtf_"),)
+    modes = (("tp_btf", "tpbtf_"), ("raw_tp", "raw_"))  # raw_tp: kernels like 6.1 whose tracepoint types differ
     comm_values = 4
     comm_families = (
         CommFamily("ebpf_page_faults", "Page faults on user-space addresses, by faulting process.", ((0, ()),)),

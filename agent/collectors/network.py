@@ -87,7 +87,9 @@ class NetworkCollector(TcpStateCollector):
     name = "network"
     switch = "collect_network"
     pinned = ("traffic", "connect_latency", "retransmits")
-    modes = (("tp_btf", "tpbtf_"), *DEFAULT_MODES)  # tp_btf reads socket fields without helpers
+    # tp_btf reads socket fields without helpers; fentry (fexit on sock_sendmsg/sock_recvmsg) serves
+    # kernels before 6.3, which lack the sock_*_length tracepoints.
+    modes = (("tp_btf", "tpbtf_"), *DEFAULT_MODES, ("fentry", "fentry_"))
 
     def read(self) -> Iterable[MetricFamily]:
         assert self.obj is not None

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 APT_PACKAGES := $(shell grep -v '^\#' apt-packages.txt)
 
-.PHONY: setup apt venv bpf protos run test lint bench package clean
+.PHONY: setup apt venv bpf protos run test lint bench package molecule clean
 
 setup: apt venv bpf protos
 
@@ -41,12 +41,12 @@ run: setup
 	$(VENV)/bin/tfo-agent run -c config/dev.yaml
 
 test: setup
-	$(VENV)/bin/ruff check agent tests bench packaging
+	$(VENV)/bin/ruff check agent tests bench packaging molecule
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check agent tests bench packaging
-	$(VENV)/bin/ruff format --check agent tests bench packaging
+	$(VENV)/bin/ruff check agent tests bench packaging molecule
+	$(VENV)/bin/ruff format --check agent tests bench packaging molecule
 
 # Packages: dist/tfo-agent_<version>_amd64.deb and dist/tfo-agent-<version>.x86_64.rpm (packaging/README.md).
 PKG_VENV := build/pkg-venv
@@ -57,6 +57,10 @@ $(PKG_VENV)/.stamp: packaging/build-requirements.txt
 
 package: bpf $(PKG_VENV)/.stamp
 	$(PKG_VENV)/bin/python packaging/build.py
+
+# The role and playbooks on real qemu VMs (Debian 12, its 6.1 kernel), with the package built here.
+molecule: setup package
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/molecule test
 
 clean:
 	$(MAKE) -C bpf clean

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 APT_PACKAGES := $(shell grep -v '^\#' apt-packages.txt)
 
-.PHONY: setup apt venv bpf protos run test lint bench package molecule clean
+.PHONY: setup apt venv bpf protos run test pytest lint bench package molecule clean
 
 setup: apt venv bpf protos
 
@@ -40,7 +40,10 @@ run: setup
 	trap 'kill $$demo 2>/dev/null' EXIT; \
 	$(VENV)/bin/tfo-agent run -c config/dev.yaml
 
-test: setup
+# The whole suite: lint, pytest (real BPF, packages, gRPC…), then the role on real VMs.
+test: pytest molecule
+
+pytest: setup
 	$(VENV)/bin/ruff check agent tests bench packaging molecule
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

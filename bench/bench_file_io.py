@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from tests.conftest import Agent
+from tests.conftest import running_agent
 
 WORKLOAD = r"""
 #include <fcntl.h>
@@ -151,9 +151,8 @@ def wait_quiet(timeout: float = 300.0) -> bool:
 def program_costs(exe: Path, data: Path, work: Path, seconds: float) -> dict[str, tuple[int, int]]:
     """BPF program name -> (runs, ns) over one run of the workloads, all collectors on."""
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
-    agent = Agent({"integrations": {"ebpf": CONFIGS["defaults+sched+mem"]}}, work).start()
-    previous = stats.read_text()
-    try:
+    with running_agent(CONFIGS["defaults+sched+mem"], work):
+        previous = stats.read_text()
         time.sleep(SETTLE)
         stats.write_text("1")
         try:
@@ -161,9 +160,6 @@ def program_costs(exe: Path, data: Path, work: Path, seconds: float) -> dict[str
         finally:
             stats.write_text(previous)
         out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    finally:
-        agent.stop()
-        agent.remove_pins()
     costs: dict[str, tuple[int, int]] = {}
     for prog in json.loads(out):
         if prog.get("run_cnt"):
@@ -200,15 +196,10 @@ def main() -> int:
         for r in range(args.rounds):
             for config, ebpf in CONFIGS.items():
                 noisy += not wait_quiet()
-                agent = Agent({"integrations": {"ebpf": ebpf}}, work).start() if ebpf is not None else None
-                try:
+                with running_agent(ebpf, work):
                     time.sleep(SETTLE)
                     for w, v in run_workloads(exe, data, args.seconds).items():
                         results[config][w].append(v)
-                finally:
-                    if agent:
-                        agent.stop()
-                        agent.remove_pins()
             print(f"round {r + 1}/{args.rounds} done", flush=True)
 
         costs = program_costs(exe, data, work, args.seconds)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from tests.conftest import Agent
+from tests.conftest import running_agent
 
 WORKLOAD = r"""
 #include <arpa/inet.h>
@@ -188,16 +188,14 @@ def measure_programs(exe: Path, work: Path, seconds: float, config: str) -> dict
     """Run the workloads once under ``config`` with kernel.bpf_stats_enabled."""
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
     previous = stats.read_text().strip()
-    agent = Agent({"integrations": {"ebpf": CONFIGS[config]}}, work).start()
-    try:
-        stats.write_text("1")
-        run_workloads(exe, seconds)
-        assert agent.proc is not None
-        return prog_costs(agent.proc.pid)
-    finally:
-        stats.write_text(previous)
-        agent.stop()
-        agent.remove_pins()
+    with running_agent(CONFIGS[config], work) as agent:
+        assert agent is not None and agent.proc is not None
+        try:
+            stats.write_text("1")
+            run_workloads(exe, seconds)
+            return prog_costs(agent.proc.pid)
+        finally:
+            stats.write_text(previous)
 
 
 def main() -> int:
@@ -216,15 +214,10 @@ def main() -> int:
     cpu: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
     for r in range(args.rounds):
         for config, ebpf in configs.items():
-            agent = Agent({"integrations": {"ebpf": ebpf}}, work).start() if ebpf is not None else None
-            try:
+            with running_agent(ebpf, work):
                 for w, (per_wall, per_cpu) in run_workloads(exe, args.seconds).items():
                     wall[config][w].append(per_wall)
                     cpu[config][w].append(per_cpu)
-            finally:
-                if agent:
-                    agent.stop()
-                    agent.remove_pins()
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     print(f"\nmedian of {args.rounds} interleaved rounds, {args.seconds:g} s per run, load {os.getloadavg()[0]:.1f}:")

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.conftest import Agent
+from tests.conftest import running_agent
 
 WORKLOAD = r"""
 #include <stdlib.h>
@@ -30,7 +30,7 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
-SYSCALLS_ONLY = {"integrations": {"ebpf": {"collect_syscalls": True}}}
+SYSCALLS_ONLY = {"collect_syscalls": True}
 
 
 def cpu_seconds_of(cmd: list[str]) -> float:
@@ -75,12 +75,8 @@ def main() -> int:
     times: dict[str, list[float]] = {"untraced": [], "agent": [], "syscount -L": []}
     for r in range(args.rounds):
         times["untraced"].append(cpu_seconds_of(cmd))
-        agent = Agent(SYSCALLS_ONLY, work).start()
-        try:
+        with running_agent(SYSCALLS_ONLY, work):
             times["agent"].append(cpu_seconds_of(cmd))
-        finally:
-            agent.stop()
-            agent.remove_pins()
         sc = start_syscount()
         try:
             times["syscount -L"].append(cpu_seconds_of(cmd))
@@ -100,19 +96,16 @@ def main() -> int:
     print(f"  ratio agent/syscount:     {added['agent'] / added['syscount -L']:.2f}")
 
     defaults = {"collect_network": True, "collect_file_io": True, "collect_tcp_events": True}
-    agent = Agent({"integrations": {"ebpf": defaults}}, work).start()  # the seed's default collectors
-    try:
+    with running_agent(defaults, work) as agent:  # the seed's default collectors
+        assert agent is not None and agent.proc is not None
         time.sleep(5)
-        cpu0, _ = proc_stat(agent.proc.pid)  # type: ignore[union-attr]
+        cpu0, _ = proc_stat(agent.proc.pid)
         t0 = time.monotonic()
         while time.monotonic() - t0 < args.idle:
             agent.scrape_text()
             time.sleep(15)
-        cpu1, rss = proc_stat(agent.proc.pid)  # type: ignore[union-attr]
+        cpu1, rss = proc_stat(agent.proc.pid)
         elapsed = time.monotonic() - t0
-    finally:
-        agent.stop()
-        agent.remove_pins()
     print(f"\nagent idle for {elapsed:.0f} s, scraped every 15 s (the seed's default collectors):")
     print(f"  RSS {rss / 2**20:.1f} MiB, CPU {100 * (cpu1 - cpu0) / elapsed:.2f}% of one core")
     return 0

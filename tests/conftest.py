@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -152,6 +153,21 @@ class Agent:
 
     def remove_pins(self) -> None:
         shutil.rmtree(self.pin_path, ignore_errors=True)
+
+
+@contextmanager
+def running_agent(ebpf: Optional[dict[str, Any]], workdir: Path) -> Iterator[Optional[Agent]]:
+    """An agent with these ``integrations.ebpf`` settings for the block, stopped and unpinned after;
+    ``None`` runs no agent (the untraced baseline of a benchmark)."""
+    if ebpf is None:
+        yield None
+        return
+    agent = Agent({"integrations": {"ebpf": ebpf}}, workdir).start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        agent.remove_pins()
 
 
 @pytest.fixture

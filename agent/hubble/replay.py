@@ -119,7 +119,8 @@ class ObserverService:
         resp.num_unavailable_nodes.value = 0
         return resp
 
-    def get_flows(self, req: observer_pb2.GetFlowsRequest, ctx: grpc.ServicerContext) -> Iterator[bytes]:
+    def responses(self, req: observer_pb2.GetFlowsRequest) -> Iterator[bytes]:
+        """The serialised GetFlowsResponses ``req`` asks for, in order, unpaced (endless with loop+follow)."""
         mask = tuple(req.field_mask.paths)
         since = req.since.seconds * NS + req.since.nanos if req.HasField("since") else None
         until = req.until.seconds * NS + req.until.nanos if req.HasField("until") else None
@@ -135,8 +136,6 @@ class ObserverService:
         ]
         if req.number:
             picked = picked[: req.number] if req.first else picked[-req.number :]
-        sent = 0
-        start = time.monotonic()
         passes = 0
         while True:
             offset = passes * self.period
@@ -147,20 +146,24 @@ class ObserverService:
                     continue
                 if until is not None and ts > until:
                     return
-                if self.stopping.is_set() or not ctx.is_active():
-                    return
-                if self.rate:
-                    ahead = start + sent / self.rate - time.monotonic()
-                    if ahead > 0.002:
-                        time.sleep(ahead)
-                sent += 1
-                self.seen += 1
                 yield cached[i] if cached is not None else _serialise(self.records[i].msg, mask, offset)
             passes += 1
             if not (self.loop and req.follow):
-                break
-        while req.follow and ctx.is_active() and not self.stopping.is_set():
-            time.sleep(0.05)
+                return
+
+    def get_flows(self, req: observer_pb2.GetFlowsRequest, ctx: grpc.ServicerContext) -> Iterator[bytes]:
+        start = time.monotonic()
+        for sent, data in enumerate(self.responses(req)):
+            if self.stopping.is_set() or not ctx.is_active():
+                return
+            if self.rate:
+                ahead = start + sent / self.rate - time.monotonic()
+                if ahead > 0.002:
+                    time.sleep(ahead)
+            self.seen += 1
+            yield data
+        while req.follow and not req.HasField("until") and ctx.is_active() and not self.stopping.is_set():
+            time.sleep(0.05)  # follow: the stream stays open after the recording, unless it is bounded by until
 
 
 def _serialise(msg: observer_pb2.GetFlowsResponse, mask: tuple[str, ...], offset: int) -> bytes:

@@ -1,10 +1,33 @@
 // SPDX-License-Identifier: GPL-2.0
-/* Syscall count, latency (log2 histogram, ns) and errors by errno, aggregated per CPU.
- * The start time of the syscall in flight lives in task-local storage. */
+/* The syscall hooks: one sys_enter/sys_exit pair serves two collectors, each switched on at run
+ * time in tfo_features by userspace:
+ *  - syscalls: count, latency (log2 histogram, ns) and errors by errno per syscall, per CPU;
+ *  - file_io (file_io.bpf.h): bytes and opens on regular files, latency per operation.
+ * Every syscall of every task passes here, so both share one storage lookup and one pair of clock
+ * reads: the start time of the syscall in flight lives in task-local storage (ts), with the
+ * syscall number and the file operation in aux (nr | op << 16). */
 #include "tfo.bpf.h"
+#include "file_io.bpf.h"
 
 #define MAX_SYSCALLS 1024
 #define MAX_ERRNO 4095
+#define F_SYSCALLS 1
+#define F_FILE_IO 2
+#define NR_MASK 0xffff
+#define OP_SHIFT 16
+
+#if defined(__TARGET_ARCH_arm64)
+#define SYSCALL_NR(regs) ((regs)->syscallno)
+#define SYSCALL_NR_CORE(regs) BPF_CORE_READ(regs, syscallno)
+#define SYSCALL_ARG0(regs) PT_REGS_PARM1_CORE_SYSCALL(regs)
+#else
+#define SYSCALL_NR(regs) ((regs)->orig_ax)
+#define SYSCALL_NR_CORE(regs) BPF_CORE_READ(regs, orig_ax)
+#define SYSCALL_ARG0(regs) ((regs)->di) /* tp_btf: regs is a BTF pointer, a direct load */
+#endif
+
+/* Written by userspace: which collectors use the hooks (F_*). */
+volatile __u32 tfo_features SEC(".data.features") = 0;
 
 /* Per syscall number: latency histogram; its count is the syscall count. */
 struct {
@@ -22,67 +45,110 @@ struct {
 	__type(value, __u64);
 } syscall_errors SEC(".maps");
 
-static __always_inline int on_enter(long id)
+/* Does sys_enter of syscall id need the first argument (file I/O on, a file syscall)? */
+static __always_inline bool wants_fd(long id)
 {
-	struct tfo_task *t = tfo_task_observed(bpf_get_current_task_btf());
+	return (tfo_features & F_FILE_IO) && file_op(id) != FOP_NONE;
+}
 
+/* op: the file operation (FOP_NONE when not file I/O or file_io is off). */
+static __always_inline int on_enter(struct task_struct *task, long id, __u32 op)
+{
+	struct tfo_task *t;
+
+	/* With syscalls off, other syscalls stop here, before any storage lookup. */
+	if (op == FOP_NONE && !(tfo_features & F_SYSCALLS))
+		return 0;
+	t = tfo_task_observed(task);
 	if (!t)
 		return 0;
 	if (!tfo_sampled()) {
 		t->ts = 0;
 		return 0;
 	}
-	t->aux = (__u32)id;
+	t->aux = ((__u32)id & NR_MASK) | op << OP_SHIFT;
 	t->ts = bpf_ktime_get_ns();
 	return 0;
 }
 
 static __always_inline int on_exit(long ret)
 {
-	struct tfo_task *t = bpf_task_storage_get(&tfo_tasks, bpf_get_current_task_btf(), 0, 0);
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct tfo_task *t = bpf_task_storage_get(&tfo_tasks, task, 0, 0);
 	struct tfo_hist *h;
-	__u64 start;
-	__u32 nr, w;
+	__u64 start, ns;
+	__u32 nr, op, w;
 
 	if (!t || !t->ts)
 		return 0;
 	start = t->ts;
 	t->ts = 0;
-	nr = t->aux;
-	h = bpf_map_lookup_elem(&syscall_stats, &nr);
-	if (!h)
-		return 0;
+	ns = bpf_ktime_get_ns() - start;
+	nr = t->aux & NR_MASK;
+	op = t->aux >> OP_SHIFT;
 	w = tfo_weight();
-	tfo_hist_add(h, bpf_ktime_get_ns() - start, w);
-	if (ret < 0 && ret >= -MAX_ERRNO) {
-		__u32 key = nr << 16 | (__u32)(-ret);
-		tfo_counter_add(&syscall_errors, &key, w);
+	if (tfo_features & F_SYSCALLS) {
+		h = bpf_map_lookup_elem(&syscall_stats, &nr);
+		if (h)
+			tfo_hist_add(h, ns, w);
+		if (ret < 0 && ret >= -MAX_ERRNO) {
+			__u32 key = nr << 16 | (__u32)(-ret);
+			tfo_counter_add(&syscall_errors, &key, w);
+		}
 	}
+	if (op != FOP_NONE && (tfo_features & F_FILE_IO))
+		file_io_account(task, op, ret, ns, w);
 	return 0;
+}
+
+/* With syscalls off, exits of syscalls that are not file I/O need no storage lookup. */
+static __always_inline bool wants_exit(long id)
+{
+	return (tfo_features & F_SYSCALLS) || file_op(id) != FOP_NONE;
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(tpbtf_sys_enter, struct pt_regs *regs, long id)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	return on_enter(task, id, wants_fd(id) ? file_op_at_enter(task, id, SYSCALL_ARG0(regs)) : FOP_NONE);
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(tpbtf_sys_exit, struct pt_regs *regs, long ret)
+{
+	return wants_exit(SYSCALL_NR(regs)) ? on_exit(ret) : 0;
 }
 
 SEC("raw_tp/sys_enter")
 int BPF_PROG(raw_sys_enter, struct pt_regs *regs, long id)
 {
-	return on_enter(id);
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	return on_enter(task, id,
+			wants_fd(id) ? file_op_at_enter(task, id, PT_REGS_PARM1_CORE_SYSCALL(regs)) : FOP_NONE);
 }
 
 SEC("raw_tp/sys_exit")
 int BPF_PROG(raw_sys_exit, struct pt_regs *regs, long ret)
 {
-	return on_exit(ret);
+	/* the syscall number costs a helper call here: read it only when syscalls is off */
+	return (tfo_features & F_SYSCALLS) || wants_exit(SYSCALL_NR_CORE(regs)) ? on_exit(ret) : 0;
 }
 
 SEC("tracepoint/raw_syscalls/sys_enter")
 int tp_sys_enter(struct trace_event_raw_sys_enter *ctx)
 {
-	return on_enter(ctx->id);
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	return on_enter(task, ctx->id, wants_fd(ctx->id) ? file_op_at_enter(task, ctx->id, ctx->args[0]) : FOP_NONE);
 }
 
 SEC("tracepoint/raw_syscalls/sys_exit")
 int tp_sys_exit(struct trace_event_raw_sys_exit *ctx)
 {
-	return on_exit(ctx->ret);
+	return wants_exit(ctx->id) ? on_exit(ctx->ret) : 0;
 }
 
 TFO_FILTER_PROGRAMS

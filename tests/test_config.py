@@ -149,7 +149,7 @@ def test_check_passes_here_and_reports_unavailable_features(tmp_path: Path) -> N
     path.write_text(f"integrations:\n  ebpf:\n    programs_path: {ROOT / 'bpf'}\n    namespace_filter: [default]\n")
     out = cli("check", "-c", str(path))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "[OK  ] collector syscalls: attaches via raw_tp" in out.stdout
+    assert "[OK  ] collector syscalls: attaches via tp_btf" in out.stdout
     assert "[WARN] namespace_filter: enabled but not available" in out.stdout
 
 

@@ -7,6 +7,9 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
+from agent.collectors import FORCE_ATTACH_ENV
 from tests.conftest import Agent, deep_merge, wait_for
 
 W = 32 << 20  # bytes written, then read back
@@ -117,12 +120,28 @@ def file_counters(agent: Agent, comm: str) -> tuple[float, float, float]:
     )
 
 
+@pytest.mark.parametrize(
+    ("mode", "syscalls"),
+    [("tp_btf", True), ("raw_tp", True), ("tracepoint", True), ("tp_btf", False), ("raw_tp", False)],
+    ids=["tp_btf", "raw_tp", "tracepoint", "tp_btf-alone", "raw_tp-alone"],
+)
 def test_bytes_and_opens_match_the_workload_and_sockets_pipes_do_not_count(
-    agent_factory: Callable[..., Agent], build_c: Callable[[str, str], Path], tmp_path: Path
+    agent_factory: Callable[..., Agent],
+    build_c: Callable[[str, str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    syscalls: bool,
 ) -> None:
+    """Every attach mode of the shared syscall hooks, with the syscall collector on and off."""
+    monkeypatch.setenv(FORCE_ATTACH_ENV, f"syscalls={mode},file_io={mode}")
     comm = f"fio_{uuid.uuid4().hex[:8]}"
     exe = build_c(comm, WORKLOAD)
-    agent = agent_factory({"integrations": {"ebpf": {"collect_file_io": True, **UNCAPPED}}})
+    agent = agent_factory(
+        {"integrations": {"ebpf": {"collect_file_io": True, "collect_syscalls": syscalls, **UNCAPPED}}}
+    )
+    attached = [dict(k[1]) for k in agent.scrape() if k[0] == "tfo_agent_program_attached"]
+    assert {a["attach_type"] for a in attached if a["collector"] == "file_io"} == {mode}
     work = Workload(exe, tmp_path / "data")
     try:
         work.expect("ready")  # the loader's own reads (ld.so reading libc) are before this point

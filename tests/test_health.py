@@ -24,11 +24,13 @@ def missing_tracepoint_programs(tmp_path_factory: pytest.TempPathFactory) -> Pat
     """A programs_path whose syscalls.bpf.o loads fine but attaches to tracepoints this kernel lacks."""
     out = tmp_path_factory.mktemp("programs")
     src = (BPF_DIR / "syscalls.bpf.c").read_text()
+    for real in ("tp_btf/sys_enter", "tp_btf/sys_exit"):
+        src = src.replace(f'SEC("{real}")', 'SEC("tp_btf/tfo_no_such_tracepoint")')
     for real in ("raw_tp/sys_enter", "raw_tp/sys_exit"):
         src = src.replace(f'SEC("{real}")', 'SEC("raw_tp/tfo_no_such_tracepoint")')
     for real in ("tracepoint/raw_syscalls/sys_enter", "tracepoint/raw_syscalls/sys_exit"):
         src = src.replace(f'SEC("{real}")', 'SEC("tracepoint/tfo/no_such_tracepoint")')
-    assert src.count("no_such_tracepoint") == 4
+    assert src.count("no_such_tracepoint") == 6
     (out / "syscalls.bpf.c").write_text(src)
     arch = _ARCH.get(platform.machine(), platform.machine())
     flags = ["-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{arch}", f"-I{BPF_DIR}"]

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Callable
 
 from agent.collectors.catalog import COLLECTORS
@@ -120,3 +123,32 @@ def test_invalid_reload_changes_nothing(agent_factory: Callable[..., Agent]) -> 
     getppid_workload(name, N)
     assert getppid(agent) == 2 * N  # still collecting, filters unchanged
     assert agent.value("tfo_agent_config_reloads_total", result="success") == 0
+
+
+def test_file_io_switched_off_leaves_the_shared_hooks_to_syscalls(
+    agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """file_io and syscalls share one hook pair: switching file_io off keeps the hooks (syscalls
+    counts on) and stops file accounting in the kernel (pinned counters show nothing while off)."""
+    (name,) = names("tfodd")
+    dd = tmp_path / name
+    shutil.copy(shutil.which("dd") or "/bin/dd", dd)
+    key = {"comm": name}
+
+    def write_mib() -> None:
+        cmd = [str(dd), "if=/dev/zero", f"of={tmp_path / 'out'}", "bs=64k", "count=16", "status=none"]
+        subprocess.run(cmd, check=True)
+
+    agent = agent_factory({"integrations": {"ebpf": {"collect_file_io": True, "max_comm_series": 10_000}}})
+    write_mib()
+    assert agent.value("ebpf_file_write_bytes_total", **key) == 1 << 20
+    links = link_ids(agent)
+    agent.write_config({"integrations": {"ebpf": {"collect_file_io": False}}})
+    reload(agent, "success")
+    assert link_ids(agent) == links  # the hooks stay, for syscalls
+    write_mib()
+    agent.write_config({"integrations": {"ebpf": {"collect_file_io": True, "max_comm_series": 10_000}}})
+    reload(agent, "success")
+    assert agent.value("ebpf_file_write_bytes_total", **key) == 1 << 20  # nothing counted while off
+    write_mib()
+    assert agent.value("ebpf_file_write_bytes_total", **key) == 2 << 20

@@ -13,6 +13,7 @@ from typing import Callable
 
 import pytest
 
+from agent.collectors import FORCE_ATTACH_ENV
 from tests.conftest import Agent, wait_for
 
 WORKLOAD = r"""
@@ -55,11 +56,22 @@ def run(exe: Path, mode: str, n: int) -> None:
     subprocess.run([str(exe), mode, str(n)], check=True, timeout=120)
 
 
+@pytest.mark.parametrize("mode", ["tp_btf", "raw_tp", "tracepoint"])
+@pytest.mark.parametrize("file_io", [False, True], ids=["alone", "with_file_io"])
 def test_getppid_count_and_latency_exact(
-    agent_factory: Callable[..., Agent], workload_src: Path, tmp_path: Path
+    agent_factory: Callable[..., Agent],
+    workload_src: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    file_io: bool,
 ) -> None:
+    """Every attach mode, alone and sharing its hooks with the file I/O collector."""
+    monkeypatch.setenv(FORCE_ATTACH_ENV, f"syscalls={mode},file_io={mode}")
     exe = named(workload_src, tmp_path, "tfoppid")
-    agent = agent_factory({"integrations": {"ebpf": {"process_filter": [exe.name]}}})
+    agent = agent_factory({"integrations": {"ebpf": {"process_filter": [exe.name], "collect_file_io": file_io}}})
+    attached = [dict(k[1]) for k in agent.scrape() if k[0] == "tfo_agent_program_attached"]
+    assert {a["attach_type"] for a in attached if a["collector"] == "syscalls"} == {mode}
     before = agent.value(COUNT, syscall="getppid"), agent.value(LATENCY_COUNT, syscall="getppid")
     n = 200_000
     run(exe, "getppid", n)
@@ -213,5 +225,5 @@ def test_self_metrics_report_attachment(agent_factory: Callable[..., Agent]) -> 
     series = agent_factory().scrape()
     assert series[("tfo_agent_collector_up", frozenset({("collector", "syscalls")}))] == 1
     attached = [dict(k[1]) for k in series if k[0] == "tfo_agent_program_attached"]
-    assert {a["program"] for a in attached} >= {"raw_sys_enter", "raw_sys_exit"}
-    assert {a["attach_type"] for a in attached} == {"raw_tp"}
+    assert {a["program"] for a in attached} >= {"tpbtf_sys_enter", "tpbtf_sys_exit"}
+    assert {a["attach_type"] for a in attached} == {"tp_btf"}

@@ -4,6 +4,11 @@ A collector loads its object, attaching the first *mode* (a set of programs chos
 prefix, e.g. ``raw_`` for raw tracepoints, ``tp_`` for classic tracepoints) that the running
 kernel accepts, pins its aggregation maps under ``pin_path/NAME`` so counters survive restarts,
 and turns map contents into metric families at read time.
+
+Collectors on the same hooks share one object (``object_name``): the first to start loads and
+attaches it, each switches its own part on through a bit of the object's ``tfo_features``
+(``feature``), and the last to stop frees it. So the syscall-wide hooks run once per syscall
+whether one or both of the syscall and file I/O collectors are on.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import logging
 import os
 import shutil
 import struct
+import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from agent.config import EbpfConfig
@@ -25,6 +32,7 @@ log = logging.getLogger(__name__)
 # (attach type, program name prefix), most preferred first.
 DEFAULT_MODES: tuple[tuple[str, str], ...] = (("raw_tp", "raw_"), ("tracepoint", "tp_"))
 _BSS = struct.Struct("<IIQ")  # tfo_kgen, padding, tfo_map_full
+_U32 = struct.Struct("<I")
 FORCE_ATTACH_ENV = "TFO_AGENT_FORCE_ATTACH"
 
 
@@ -39,6 +47,30 @@ class CollectorError(RuntimeError):
     """A collector could not start; the message says why (for check, logs and self-metrics)."""
 
 
+@dataclass
+class Loaded:
+    """One loaded, attached object and the collectors using it (first user first)."""
+
+    obj: BpfObject
+    links: list[Link]
+    attach_type: str
+    users: list[str] = field(default_factory=list)
+    features: int = 0
+
+    def set_feature(self, bit: int, on: bool) -> None:
+        self.features = self.features | bit if on else self.features & ~bit
+        self.obj.map(".data.features").update(b"\0\0\0\0", _U32.pack(self.features))
+
+    def close(self) -> None:
+        for link in self.links:
+            link.destroy()
+        self.obj.close()
+
+
+_LOADED: dict[tuple[str, bool], Loaded] = {}  # (object path, pinned) -> the loaded object
+_LOADED_LOCK = threading.Lock()
+
+
 class BpfCollector:
     """Base class: load/attach with fallback, pinning, filters, reading."""
 
@@ -46,6 +78,8 @@ class BpfCollector:
     switch: ClassVar[str]  # the collect_* config key that enables it
     pinned: ClassVar[tuple[str, ...]] = ()  # maps that keep counters across restarts
     modes: ClassVar[tuple[tuple[str, str], ...]] = DEFAULT_MODES
+    object_name: ClassVar[str] = ""  # the object's name when it is not the collector's
+    feature: ClassVar[int] = 0  # this collector's bit in a shared object's tfo_features
 
     def __init__(self, cfg: EbpfConfig, filters: Filters) -> None:
         self.cfg = cfg
@@ -55,10 +89,21 @@ class BpfCollector:
         self.attach_type = ""
         self.error = ""
         self.read_errors = 0
+        self._loaded: Optional[tuple[tuple[str, bool], Loaded]] = None
+
+    @classmethod
+    def object_stem(cls) -> str:
+        return cls.object_name or cls.name
 
     @property
     def object_path(self) -> str:
-        return os.path.join(self.cfg.programs_path, f"{self.name}.bpf.o")
+        return os.path.join(self.cfg.programs_path, f"{self.object_stem()}.bpf.o")
+
+    def sharers(self) -> list[type[BpfCollector]]:
+        """Every collector class of this build on this collector's object (itself included)."""
+        from agent.collectors.catalog import COLLECTORS
+
+        return [c for c in COLLECTORS if c.object_stem() == self.object_stem()] or [type(self)]
 
     @property
     def pin_dir(self) -> str:
@@ -69,7 +114,22 @@ class BpfCollector:
         return self.obj is not None
 
     def start(self, pin: bool = True) -> None:
-        """Load and attach the first mode that works; raise CollectorError with every reason."""
+        """Load and attach the first mode that works (or join the collector that did); raise
+        CollectorError with every reason."""
+        key = (self.object_path, pin)
+        with _LOADED_LOCK:
+            loaded = _LOADED.get(key)
+            if loaded is None:
+                loaded = _LOADED[key] = self._load(pin)
+            else:
+                self.filters.program(loaded.obj)
+            loaded.users.append(self.name)
+            if self.feature:
+                loaded.set_feature(self.feature, True)
+        self._loaded = (key, loaded)
+        self.obj, self.links, self.attach_type, self.error = loaded.obj, loaded.links, loaded.attach_type, ""
+
+    def _load(self, pin: bool) -> Loaded:
         if not os.path.exists(self.object_path):
             self.error = f"BPF object {self.object_path} not found (build with 'make -C bpf' or check programs_path)"
             raise CollectorError(self.error)
@@ -84,34 +144,32 @@ class BpfCollector:
         reasons = []
         for attach_type, prefix in modes:
             try:
-                self._start_mode(prefix, pin)
-                self.attach_type, self.error = attach_type, ""
-                return
+                return self._start_mode(attach_type, prefix, pin)
             except LibbpfError as exc:
                 if pin and exc.errno == 22 and "pinned" in str(exc):
                     self._drop_incompatible_pins(exc)
                     try:
-                        self._start_mode(prefix, pin)
-                        self.attach_type, self.error = attach_type, ""
-                        return
+                        return self._start_mode(attach_type, prefix, pin)
                     except LibbpfError as again:
                         exc = again
                 reasons.append(f"{attach_type}: {exc}")
         self.error = "; ".join(reasons)
         raise CollectorError(self.error)
 
-    def _start_mode(self, prefix: str, pin: bool) -> None:
+    def _start_mode(self, attach_type: str, prefix: str, pin: bool) -> Loaded:
         obj = BpfObject(self.object_path, btf_custom_path=self.cfg.btf_custom_path)
         try:
             programs = [p for p in obj.program_names if p.startswith(prefix)]
             if not programs:
-                raise LibbpfError(22, f"{self.name}.bpf.o has no {prefix}* programs")
+                raise LibbpfError(22, f"{os.path.basename(self.object_path)} has no {prefix}* programs")
             for p in obj.program_names:
                 obj.set_autoload(p, p in programs)
             if pin:
-                os.makedirs(self.pin_dir, exist_ok=True)
-                for m in self.pinned:
-                    obj.set_pin_path(m, os.path.join(self.pin_dir, m))
+                for cls in self.sharers():
+                    pin_dir = os.path.join(self.cfg.pin_path, cls.name)
+                    os.makedirs(pin_dir, exist_ok=True)
+                    for m in cls.pinned:
+                        obj.set_pin_path(m, os.path.join(pin_dir, m))
             obj.load()
             self.filters.program(obj)
             links = []
@@ -125,7 +183,7 @@ class BpfCollector:
         except BaseException:
             obj.close()
             raise
-        self.obj, self.links = obj, links
+        return Loaded(obj, links, attach_type)
 
     def _drop_incompatible_pins(self, exc: LibbpfError) -> None:
         log.warning(
@@ -134,16 +192,23 @@ class BpfCollector:
             self.pin_dir,
             exc,
         )
-        shutil.rmtree(self.pin_dir, ignore_errors=True)
+        for cls in self.sharers():
+            shutil.rmtree(os.path.join(self.cfg.pin_path, cls.name), ignore_errors=True)
 
     def stop(self) -> None:
-        """Detach and free; pinned maps stay (counters continue on the next start)."""
-        for link in self.links:
-            link.destroy()
-        self.links = []
-        if self.obj:
-            self.obj.close()
-            self.obj = None
+        """Leave the object; the last user detaches and frees it. Pinned maps stay (counters
+        continue on the next start)."""
+        if self._loaded is None:
+            return
+        key, loaded = self._loaded
+        with _LOADED_LOCK:
+            loaded.users.remove(self.name)
+            if not loaded.users:
+                del _LOADED[key]
+                loaded.close()
+            elif self.feature:
+                loaded.set_feature(self.feature, False)
+        self._loaded, self.obj, self.links = None, None, []
 
     def remove_pins(self) -> None:
         shutil.rmtree(self.pin_dir, ignore_errors=True)
@@ -153,7 +218,8 @@ class BpfCollector:
             self.filters.program(self.obj)
 
     def map_full_events(self) -> int:
-        if not self.obj:
+        """Events an object's full maps lost (reported by its first user only, when shared)."""
+        if not self.obj or not self._loaded or self._loaded[1].users[0] != self.name:
             return 0
         raw = self.obj.map(".bss").lookup(b"\0\0\0\0")
         return _BSS.unpack_from(raw)[2] if raw else 0

@@ -1,4 +1,7 @@
-"""File I/O collector: bytes and opens per process on regular files, latency per op (``bpf/file_io.bpf.c``).
+"""File I/O collector: bytes and opens per process on regular files, latency per op (``bpf/file_io.bpf.h``).
+
+Its kernel part rides on the syscall hooks of ``bpf/syscalls.bpf.c`` (one sys_enter/sys_exit pair
+for both collectors, each switched on by its feature bit), with maps of its own.
 
 Exposed as ``ebpf_file_read_bytes_total{comm}``, ``ebpf_file_write_bytes_total{comm}``,
 ``ebpf_file_open_count_total{comm}`` and ``ebpf_file_io_latency_seconds{op}`` (the seed's
@@ -12,8 +15,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from agent.collectors import DEFAULT_MODES
 from agent.collectors.comm_cap import COMM_MAPS, CommCollector, CommFamily, add_ns_histogram
+from agent.collectors.syscalls import SYSCALL_HOOK_MODES
 from agent.registry import Kind, MetricFamily
 
 OPS = ("read", "write", "open")  # file_latency index = FOP_* - 1
@@ -24,7 +27,9 @@ class FileIoCollector(CommCollector):
 
     name = "file_io"
     switch = "collect_file_io"
-    modes = (("tp_btf", "tpbtf_"), *DEFAULT_MODES)  # tp_btf reads the syscall number without a helper call
+    modes = SYSCALL_HOOK_MODES
+    object_name = "syscalls"
+    feature = 2  # F_FILE_IO
     pinned = (*COMM_MAPS, "file_latency")
     comm_values = 3
     comm_families = (

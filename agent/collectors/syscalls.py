@@ -4,6 +4,7 @@ Exposed as ``ebpf_syscall_count_total{syscall}``, ``ebpf_syscall_latency_seconds
 seed's ``ebpf_syscall_latency_ns`` in Prometheus base units: log2 buckets of 2^7 .. 2^33 ns, written
 in seconds) and ``ebpf_syscall_errors_total{syscall,errno}``. The count is the
 histogram's count: one map, one source of truth. Syscalls are counted when they return.
+The file I/O collector rides on the same hooks (``bpf/syscalls.bpf.c``, feature bits).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import platform
 import struct
 from collections.abc import Iterable
 
-from agent.collectors import BpfCollector, log2_histogram, sum_percpu_u64
+from agent.collectors import DEFAULT_MODES, BpfCollector, log2_histogram, sum_percpu_u64
 from agent.collectors.syscall_table import SYSCALLS
 from agent.filters import UNIT
 from agent.registry import Kind, MetricFamily
@@ -21,6 +22,8 @@ from agent.registry import Kind, MetricFamily
 HIST_SLOTS = 40  # TFO_HIST_SLOTS
 MIN_SLOT, MAX_SLOT = 7, 33  # 128 ns .. ~8.6 s
 NS = 1e-9
+# tp_btf first: typed pointers read the syscall number and arguments without helper calls
+SYSCALL_HOOK_MODES = (("tp_btf", "tpbtf_"), *DEFAULT_MODES)
 
 
 class SyscallsCollector(BpfCollector):
@@ -29,6 +32,8 @@ class SyscallsCollector(BpfCollector):
     name = "syscalls"
     switch = "collect_syscalls"
     pinned = ("syscall_stats", "syscall_errors")
+    modes = SYSCALL_HOOK_MODES
+    feature = 1  # F_SYSCALLS
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

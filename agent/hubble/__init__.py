@@ -11,10 +11,20 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from collections import deque
 from typing import Any, Optional
+
+# gRPC's EventEngine client (the default of recent grpcio) reads sockets in its own poller threads,
+# so every message of a trickling stream wakes the process however the reader batches. The older
+# polling client reads in the thread that waits for the stream, where the reader's naps coalesce
+# messages: at 5,000 flows/s ~21% of a core becomes ~7% (bench/RESULTS.md). grpcio 1.51 (Debian 12,
+# the EL9 bundle) knows the switch too. It must be set before grpc loads and holds process-wide;
+# an explicit GRPC_EXPERIMENTS (even empty) is left alone.
+if "grpc" not in sys.modules and "GRPC_EXPERIMENTS" not in os.environ:
+    os.environ["GRPC_EXPERIMENTS"] = "-event_engine_client"
 
 import grpc
 

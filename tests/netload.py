@@ -24,11 +24,14 @@ import ctypes, json, socket, struct, sys, time
 ctypes.CDLL(None).prctl(15, NAME.encode(), 0, 0, 0)  # PR_SET_NAME
 def out(**kw):
     print(json.dumps(kw), flush=True)
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 """
 
-# Accept `conns` connections on host:port (0: any port), read each to EOF; report bytes.
+# Accept `conns` connections on host:port (0: any port; IPv6 when host has a colon), read each
+# to EOF; report bytes.
 SINK = """
-srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv = socket.socket(family(ARGS["host"]), socket.SOCK_STREAM)
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((ARGS["host"], ARGS.get("port", 0)))
 srv.listen(1024)
@@ -62,7 +65,7 @@ CLIENT = """
 payload = b"x" * (1 << 16)
 held, sent, refused = [], 0, 0
 for _ in range(ARGS["conns"]):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(family(ARGS["host"]), socket.SOCK_STREAM)
     try:
         s.connect((ARGS["host"], ARGS["port"]))
     except ConnectionRefusedError:

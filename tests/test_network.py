@@ -46,13 +46,14 @@ def tcp_delta(before: Series, after: Series, name: str, direction: str) -> float
     return delta(before, after, name, direction=direction, protocol="tcp")
 
 
-def test_tcp_bytes_loopback(agent_factory: Callable[..., Agent]) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
+def test_tcp_bytes_loopback(agent_factory: Callable[..., Agent], host: str) -> None:
     """B bytes through a loopback connection: tcp sent and received payload bytes each rise by B."""
     cli, srv = unique("tfoc"), unique("tfos")
     agent = net_agent(agent_factory, process_filter=[cli, srv])
     before = agent.scrape()
-    sink = spawn(srv, SINK, host="127.0.0.1", conns=1)
-    client = spawn(cli, CLIENT, host="127.0.0.1", port=sink.line()["port"], conns=1, nbytes=B)
+    sink = spawn(srv, SINK, host=host, conns=1)
+    client = spawn(cli, CLIENT, host=host, port=sink.line()["port"], conns=1, nbytes=B)
     assert client.finish()["sent"] == B
     assert sink.finish()["received"] == B
     after = agent.scrape()
@@ -121,7 +122,8 @@ def test_udp_bytes_and_datagrams(agent_factory: Callable[..., Agent]) -> None:
         assert delta(before, after, BYTES, direction=direction, protocol="udp") == n * size
 
 
-def test_connect_latency_and_connections(agent_factory: Callable[..., Agent]) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
+def test_connect_latency_and_connections(agent_factory: Callable[..., Agent], host: str) -> None:
     """C connects: the latency histogram count rises by C; H held connections move the gauge by 2H.
 
     Both ends of a loopback connection are established sockets of this host, hence 2H. The gauge is
@@ -130,8 +132,8 @@ def test_connect_latency_and_connections(agent_factory: Callable[..., Agent]) ->
     cli, srv = unique("tfoc"), unique("tfos")
     agent = net_agent(agent_factory, process_filter=[cli])
     before = agent.scrape()
-    sink = spawn(srv, SINK, host="127.0.0.1", conns=C)
-    client = spawn(cli, CLIENT, host="127.0.0.1", port=sink.line()["port"], conns=C)
+    sink = spawn(srv, SINK, host=host, conns=C)
+    client = spawn(cli, CLIENT, host=host, port=sink.line()["port"], conns=C)
     assert client.finish() == {"sent": 0, "refused": 0}
     sink.finish()
     after = agent.scrape()
@@ -142,8 +144,8 @@ def test_connect_latency_and_connections(agent_factory: Callable[..., Agent]) ->
 
     gauge = "ebpf_tcp_connections"
     base = agent.value(gauge)
-    sink = spawn(srv, SINK, host="127.0.0.1", conns=H, hold=True)
-    client = spawn(cli, CLIENT, host="127.0.0.1", port=sink.line()["port"], conns=H, hold=True)
+    sink = spawn(srv, SINK, host=host, conns=H, hold=True)
+    client = spawn(cli, CLIENT, host=host, port=sink.line()["port"], conns=H, hold=True)
     try:
         assert client.line() == {"held": H}
         assert wait_for(lambda: abs(agent.value(gauge) - base - 2 * H) <= 4, timeout=10), (

@@ -1,7 +1,8 @@
 """File I/O cost of the agent: small-file throughput, cached 4 KiB reads, and ns added per syscall.
 
 Configurations, interleaved round by round (one agent at a time, started before and stopped after
-each configuration's workloads): untraced; the file_io collector alone; the seed's default
+each configuration's workloads): untraced; empty programs on the syscall hooks (the floor of any
+syscall-wide collector, ``bench/syscall_floor.py``); the file_io collector alone; the seed's default
 collectors (syscalls, network, file I/O, tcp events); the defaults plus scheduler and memory.
 Workloads (C, fixed duration, files on tmpfs so that the syscall path is what is measured):
 small files (create + write 4 KiB + close, then open + read 4 KiB + close, over 256 files),
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from bench.syscall_floor import FLOOR, configured
 from tests.conftest import running_agent
 
 WORKLOAD = r"""
@@ -118,6 +120,7 @@ DEFAULTS = {"collect_syscalls": True, "collect_network": True, "collect_file_io"
 CONFIGS: dict[str, Optional[dict[str, Any]]] = {
     "untraced": None,
     "untraced again (noise floor)": None,
+    FLOOR: None,
     "file_io": {"collect_syscalls": False, "collect_file_io": True},
     "defaults": DEFAULTS,
     "defaults+sched+mem": {**DEFAULTS, "collect_scheduler": True, "collect_memory": True},
@@ -196,7 +199,7 @@ def main() -> int:
         for r in range(args.rounds):
             for config, ebpf in CONFIGS.items():
                 noisy += not wait_quiet()
-                with running_agent(ebpf, work):
+                with configured(config, ebpf, work):
                     time.sleep(SETTLE)
                     for w, v in run_workloads(exe, data, args.seconds).items():
                         results[config][w].append(v)

@@ -1,7 +1,8 @@
 """Loopback TCP cost of the agent: bulk throughput (64 KiB and 1 KiB writes) and connection rate.
 
 Configurations, interleaved round by round (one agent at a time, started before and stopped after
-each configuration's workloads): untraced; the network + tcp_events collectors alone; the seed's
+each configuration's workloads): untraced; empty programs on the syscall hooks (the floor of any
+syscall-wide collector, ``bench/syscall_floor.py``); the network + tcp_events collectors alone; the seed's
 default collectors (syscalls, network, file I/O, tcp events); the defaults plus scheduler and
 memory. Each workload is a C sender and receiver on 127.0.0.1 running for a fixed time; the figure
 is the median over the rounds, and the loss is relative to the untraced median, both per
@@ -24,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from bench.syscall_floor import FLOOR, configured
 from tests.conftest import running_agent
 
 WORKLOAD = r"""
@@ -139,6 +141,7 @@ int main(int argc, char **argv) {
 DEFAULTS = {"collect_syscalls": True, "collect_network": True, "collect_file_io": True, "collect_tcp_events": True}
 CONFIGS: dict[str, Optional[dict[str, Any]]] = {
     "untraced": None,
+    FLOOR: None,
     "network+tcp_events": {"collect_syscalls": False, "collect_network": True, "collect_tcp_events": True},
     "defaults": DEFAULTS,
     "defaults+sched+mem": {**DEFAULTS, "collect_scheduler": True, "collect_memory": True},
@@ -214,7 +217,7 @@ def main() -> int:
     cpu: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
     for r in range(args.rounds):
         for config, ebpf in configs.items():
-            with running_agent(ebpf, work):
+            with configured(config, ebpf, work):
                 for w, (per_wall, per_cpu) in run_workloads(exe, args.seconds).items():
                     wall[config][w].append(per_wall)
                     cpu[config][w].append(per_cpu)
@@ -235,7 +238,7 @@ def main() -> int:
             print(f"| {config} | {' | '.join(cells)} |")
 
     for config in configs:
-        if config == "untraced":
+        if CONFIGS[config] is None:
             continue
         print(f"\n{config}: programs during one run of the workloads (kernel.bpf_stats_enabled):\n")
         print("| program | runs | ns per run | ms in total |\n|---|---|---|---|")

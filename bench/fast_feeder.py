@@ -126,7 +126,8 @@ class FastFeeder:
                     elif isinstance(ev, h2.events.ConnectionTerminated):
                         return
             for sid in sending:
-                if _send(conn, sid, streams[sid]):
+                st = streams.get(sid)  # None when the client reset it meanwhile
+                if st is not None and _send(conn, sid, st):
                     del streams[sid]
             out = conn.data_to_send()
             if out:

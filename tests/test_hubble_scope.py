@@ -150,6 +150,9 @@ def test_relay_filters_namespace_verdict_number_time_and_mask() -> None:
         req.since.FromJsonString(times[100])
         req.until.FromJsonString(times[199])
         assert len(_fetch(addr, req)) == 100
+        req = _req(follow=True)  # a followed stream bounded by until ends after the recording
+        req.until.FromJsonString(times[-1])
+        assert len(_fetch(addr, req)) == len(flows)
         # field_mask: only the asked fields come back, and the message shrinks
         masked = _fetch(addr, _req(field_mask=FieldMask(paths=["time", "verdict"])))
         full = _fetch(addr, _req())
@@ -167,3 +170,24 @@ def _norm(ts: str) -> str:
     t = Timestamp()
     t.FromJsonString(ts)
     return t.ToJsonString()
+
+
+def test_bench_fast_feeder_serves_the_relays_selection() -> None:
+    """bench/fast_feeder.py (h2, many messages per frame) sends what the replay relay sends."""
+    pytest.importorskip("h2")
+    from bench.fast_feeder import FastFeeder
+
+    name = "basic-sample-400-udp-flows.json"
+    req = _req(
+        blacklist=[flow_pb2.FlowFilter(verdict=[flow_pb2.FORWARDED])], field_mask=FieldMask(paths=["time", "verdict"])
+    )
+    with relay(name) as (r, addr):
+        want = _fetch(addr, req)
+        feeder = FastFeeder(r.service)
+        try:
+            got = _fetch(feeder.start(), req)
+        finally:
+            feeder.stop()
+    assert got == want
+    assert 0 < len(want) < len(fixture_lines(name))
+    assert not want[0].flow.HasField("source")

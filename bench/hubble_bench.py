@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from agent.hubble.client import FIELD_MASK, read_in_bursts
 from agent.hubble.demo import demo_flows
@@ -132,19 +133,24 @@ def measure(mode: str, addr: str, flows: int) -> tuple[float, float, float]:
     return (u1 - u0 + s1 - s0) / flows * 1e6, (s1 - s0) / flows * 1e6, t1 - t0
 
 
-def soak(addr: str, seconds: float) -> list[tuple[float, float, float]]:
-    """(elapsed s, CPU share of one core over the last interval, RSS MiB) samples of a running agent."""
+def soak(addr: str, seconds: float, sent: Callable[[], int]) -> list[tuple[float, float, float, float]]:
+    """(elapsed s, CPU share of one core, flows/s sent, RSS MiB) per interval of a running agent.
+
+    ``sent`` counts the flows the relay has handed to gRPC; HTTP/2 flow control holds the relay
+    back when the agent does not read, so its rate is the rate the agent keeps up with.
+    """
     proc = spawn("agent", addr, 10**12)
     assert proc.stdout is not None
     proc.stdout.readline()
     samples = []
     start = last_t = time.monotonic()
-    last_cpu = cpu_seconds(proc.pid)
+    last_cpu, last_sent = cpu_seconds(proc.pid), sent()
     while time.monotonic() - start < seconds:
         time.sleep(min(30.0, seconds / 10))
-        now, cpu = time.monotonic(), cpu_seconds(proc.pid)
-        samples.append((now - start, (cpu - last_cpu) / (now - last_t), rss_mib(proc.pid)))
-        last_t, last_cpu = now, cpu
+        now, cpu, n = time.monotonic(), cpu_seconds(proc.pid), sent()
+        dt = now - last_t
+        samples.append((now - start, (cpu - last_cpu) / dt, (n - last_sent) / dt, rss_mib(proc.pid)))
+        last_t, last_cpu, last_sent = now, cpu, n
     proc.kill()
     proc.wait()
     return samples
@@ -169,8 +175,8 @@ def main() -> int:
         addr = relay.start("127.0.0.1:0")
         relay.service.prepared(FIELD_MASK)
         print(f"soak: {args.soak:.0f}s at {args.soak_rate:.0f} flows/s (loop)")
-        for t, share, rss in soak(addr, args.soak):
-            print(f"  t={t:6.0f}s  cpu={share * 100:5.1f}% of one core  rss={rss:6.1f} MiB")
+        for t, share, rate, rss in soak(addr, args.soak, lambda: relay.service.seen):
+            print(f"  t={t:6.0f}s  cpu={share * 100:5.1f}% of one core  {rate:6.0f} flows/s  rss={rss:6.1f} MiB")
         relay.stop(0)
         return 0
     relay = ReplayRelay(to_records(msgs))

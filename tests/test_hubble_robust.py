@@ -217,3 +217,21 @@ def test_lost_events_and_node_status_notices_are_counted(tmp_path: Path) -> None
         assert fams["tfo_agent_hubble_lost_events"] == {("HUBBLE_RING_BUFFER",): 3, ("PERF_EVENT_RING_BUFFER",): 5}
         assert fams["tfo_agent_hubble_node_status_events"] == {("NODE_UNAVAILABLE",): 1}
         assert sum(fams["hubble_flows"].values()) == 10
+
+
+@pytest.mark.parametrize(
+    ("env", "grpc_first", "want"),
+    [(None, False, "-event_engine_client"), ("", False, ""), (None, True, None)],
+)
+def test_grpc_polling_client_chosen_only_before_grpc_loads_and_unset(
+    env: str | None, grpc_first: bool, want: str | None
+) -> None:
+    """agent.hubble sets GRPC_EXPERIMENTS for gRPC's polling client, but never over the operator's."""
+    environ = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if env is not None:
+        environ["GRPC_EXPERIMENTS"] = env
+    code = "import os, agent.hubble; print(os.environ.get('GRPC_EXPERIMENTS'))"
+    code = ("import grpc; " if grpc_first else "") + code
+    out = subprocess.run([sys.executable, "-c", code], env=environ, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(want)

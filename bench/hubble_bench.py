@@ -4,16 +4,17 @@ Run: .venv/bin/python -m bench.hubble_bench [--flows 200000] [--rounds 2] [--soa
 
 This process serves demo flows (~330 bytes each, ~216 after the agent's field mask) on loopback
 with two feeders: ``grpcio``, the replay relay (a Python grpcio server, one message per write,
-~15k flows/s), and ``h2``, bench/fast_feeder.py (the same selection, many messages per HTTP/2
-frame at full speed, as a Go server sends). Each measurement is a fresh child process that
+20-30k flows/s here), and ``h2``, bench/fast_feeder.py (the same selection, many messages per
+HTTP/2 frame at full speed, as a Go server sends). Each measurement is a fresh child process that
 streams all flows once with the agent's own GetFlows request (follow, field_mask): ``receive``
-only iterates the raw messages,
-``receive-nap`` does so the way the agent's reader does (a short nap after waiting, so messages
-are read in bursts), ``decode-nap`` also parses them, ``agent`` runs the real HubbleIntegration
-(reader + aggregator, all metric groups on, cluster scope). CPU is read from /proc/<child>/stat
-(utime+stime) between the child's "ready" (imports, channel set up) and "done" lines, so start-up
-is not counted. ``--soak`` feeds the agent at a fixed rate with --loop semantics and reports CPU
-share and RSS over time.
+only iterates the raw messages, ``receive-nap`` does so the way the agent's reader does (a short
+nap after waiting, so messages are read in bursts), ``decode-nap`` also parses them, ``agent``
+runs the real HubbleIntegration (reader + aggregator, all metric groups on, cluster scope). CPU
+is read from /proc/<child>/stat (utime+stime) between the child's "ready" (imports, channel set
+up) and "done" lines, so start-up is not counted; rounds interleave all rows. ``--soak`` feeds
+the agent from the grpcio relay at a fixed rate with --loop semantics and reports CPU share,
+the rate the relay got out and RSS over time. Children inherit GRPC_EXPERIMENTS: set it empty
+to measure with grpcio's EventEngine client instead of the polling one agent.hubble picks.
 """
 
 from __future__ import annotations

@@ -80,39 +80,51 @@ static __always_inline bool in_compat_syscall(struct task_struct *task)
 	return false;
 }
 
-/* Does the task's descriptor fd refer to a regular file? */
-static __always_inline bool fd_is_regular(struct task_struct *task, long fd)
+/* Kernel 6.2+: a pointer cast to a BTF type, whose fields are then plain loads. Weak: where the
+ * kernel lacks it, only the programs calling it (tp_btf mode) fail to load, and the collector
+ * falls back to raw_tp, which reads through helpers. */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+
+/* Does the task's descriptor fd refer to a regular file? cast: read the file with plain loads. */
+static __always_inline bool fd_is_regular(struct task_struct *task, long fd, bool cast)
 {
 	struct fdtable *fdt = task->files->fdt;
 	struct file *f = NULL;
 
 	if (fd < 0 || fd >= fdt->max_fds)
 		return false;
-	/* the descriptor array is not a BTF type: read the slot, then the file through helpers */
+	/* the descriptor array is not a BTF type: the slot is read through a helper */
 	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);
-	return f && (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFREG;
+	if (!f)
+		return false;
+	if (cast) {
+		struct file *file = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
+		return (file->f_inode->i_mode & S_IFMT) == S_IFREG;
+	}
+	return (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFREG;
 }
 
 /* The file operation syscall id starts with first argument fd, or FOP_NONE when it is not file
  * I/O (another syscall, a 32-bit syscall, a descriptor that is not a regular file). Opens are
  * checked on return, when the descriptor exists. */
-static __always_inline __u32 file_op_at_enter(struct task_struct *task, long id, long fd)
+static __always_inline __u32 file_op_at_enter(struct task_struct *task, long id, long fd, bool cast)
 {
 	__u32 op = file_op(id);
 
 	if (op == FOP_NONE || in_compat_syscall(task))
 		return FOP_NONE;
-	return op == FOP_OPEN || fd_is_regular(task, fd) ? op : FOP_NONE;
+	return op == FOP_OPEN || fd_is_regular(task, fd, cast) ? op : FOP_NONE;
 }
 
 /* Account a file operation that took ns nanoseconds and returned ret, at weight w. */
-static __always_inline void file_io_account(struct task_struct *task, __u32 op, long ret, __u64 ns, __u32 w)
+static __always_inline void file_io_account(struct task_struct *task, __u32 op, long ret, __u64 ns, __u32 w,
+					    bool cast)
 {
 	struct tfo_comm_val *v;
 	struct tfo_hist *h;
 	__u32 idx = op - 1;
 
-	if (ret < 0 || (op == FOP_OPEN && !fd_is_regular(task, ret)))
+	if (ret < 0 || (op == FOP_OPEN && !fd_is_regular(task, ret, cast)))
 		return;
 	h = bpf_map_lookup_elem(&file_latency, &idx);
 	if (h)

@@ -52,7 +52,7 @@ static __always_inline struct tfo_comm_val *tfo_comm_counters(struct task_struct
 	struct tfo_comm_val *v;
 	__u32 k = 0;
 
-	bpf_probe_read_kernel(&comm, sizeof(comm), task->group_leader->comm);
+	__builtin_memcpy(comm, task->group_leader->comm, sizeof(comm)); /* plain loads: BTF pointer */
 	v = bpf_map_lookup_elem(&comm_stats, &comm);
 	if (v)
 		return v;

@@ -80,12 +80,13 @@ static __always_inline bool in_compat_syscall(struct task_struct *task)
 	return false;
 }
 
-/* Kernel 6.2+: a pointer cast to a BTF type, whose fields are then plain loads. Weak: where the
- * kernel lacks it, only the programs calling it (tp_btf mode) fail to load, and the collector
- * falls back to raw_tp, which reads through helpers. */
+/* A pointer cast to a BTF type (or, with id 0, to plain memory), whose contents are then read by
+ * plain loads (kernel 6.2+; casting to memory, later kernels). Weak: where the kernel lacks it,
+ * only the programs calling it (tp_btf mode) fail to load, and the collector falls back to raw_tp,
+ * which reads through helpers. */
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 
-/* Does the task's descriptor fd refer to a regular file? cast: read the file with plain loads. */
+/* Does the task's descriptor fd refer to a regular file? cast: plain loads instead of helpers. */
 static __always_inline bool fd_is_regular(struct task_struct *task, long fd, bool cast)
 {
 	struct fdtable *fdt = task->files->fdt;
@@ -93,15 +94,18 @@ static __always_inline bool fd_is_regular(struct task_struct *task, long fd, boo
 
 	if (fd < 0 || fd >= fdt->max_fds)
 		return false;
-	/* the descriptor array is not a BTF type: the slot is read through a helper */
-	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);
-	if (!f)
-		return false;
 	if (cast) {
-		struct file *file = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
+		struct file **slots = bpf_rdonly_cast(fdt->fd, 0); /* not a BTF type: plain memory */
+		struct file *file;
+
+		f = slots[fd];
+		if (!f)
+			return false;
+		file = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
 		return (file->f_inode->i_mode & S_IFMT) == S_IFREG;
 	}
-	return (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFREG;
+	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);
+	return f && (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFREG;
 }
 
 /* The file operation syscall id starts with first argument fd, or FOP_NONE when it is not file

@@ -4,12 +4,15 @@ Configurations, interleaved round by round (one agent at a time, started before 
 each configuration's workloads): untraced; empty programs on the syscall hooks (the floor of any
 syscall-wide collector, ``bench/syscall_floor.py``); the network + tcp_events collectors alone; the seed's
 default collectors (syscalls, network, file I/O, tcp events); the defaults plus scheduler and
-memory. Each workload is a C sender and receiver on 127.0.0.1 running for a fixed time; the figure
-is the median over the rounds, and the loss is relative to the untraced median, both per
-wall-clock second (throughput) and per CPU second the workload's processes used (throughput at
-equal CPU: robust when other work shares the machine; softirq work on loopback is charged to them).
+memory. Each workload is a C sender and receiver on 127.0.0.1 running for a fixed time, both
+pinned to one CPU (``--cpu``, the last by default): where the two ends land moves loopback
+throughput by ±6% between identical runs, pinned by ±1.5%. The figure is the median over the
+rounds; the loss is the median over rounds of the change against the same round's untraced run
+(paired, so that drift in the host's load cancels), both per wall-clock second (throughput) and
+per CPU second the workload's processes used (throughput at equal CPU: robust when other work
+shares the machine; softirq work on loopback is charged to them).
 
-Run: .venv/bin/python -m bench.bench_network [--rounds 5] [--seconds 3]
+Run: .venv/bin/python -m bench.bench_network [--rounds 5] [--seconds 3] [--cpu N]
 """
 
 from __future__ import annotations
@@ -153,11 +156,14 @@ WORKLOADS = {
 }
 
 
-def run_workloads(exe: Path, seconds: float) -> dict[str, tuple[float, float]]:
-    """Workload -> (rate per wall second, rate per CPU second of the workload's processes)."""
+def run_workloads(exe: Path, seconds: float, cpu: Optional[int]) -> dict[str, tuple[float, float]]:
+    """Workload -> (rate per wall second, rate per CPU second of the workload's processes); both
+    ends run on ``cpu`` when given (placement on one or two cores moves loopback throughput by
+    ±6% between identical runs, pinned by ±1.5%)."""
     out = {}
+    pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
     for name, args in WORKLOADS.items():
-        proc = subprocess.Popen([str(exe), *args, str(seconds)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([str(exe), *args, str(seconds)], stdout=subprocess.PIPE, text=True, preexec_fn=pin)
         _, status, usage = os.wait4(proc.pid, 0)
         assert proc.stdout is not None
         if status != 0:
@@ -187,7 +193,9 @@ def prog_costs(pid: int) -> dict[str, tuple[int, float]]:
     return {name: (runs[name], ns[name] / runs[name]) for name in runs}
 
 
-def measure_programs(exe: Path, work: Path, seconds: float, config: str) -> dict[str, tuple[int, float]]:
+def measure_programs(
+    exe: Path, work: Path, seconds: float, config: str, cpu: Optional[int]
+) -> dict[str, tuple[int, float]]:
     """Run the workloads once under ``config`` with kernel.bpf_stats_enabled."""
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
     previous = stats.read_text().strip()
@@ -195,7 +203,7 @@ def measure_programs(exe: Path, work: Path, seconds: float, config: str) -> dict
         assert agent is not None and agent.proc is not None
         try:
             stats.write_text("1")
-            run_workloads(exe, seconds)
+            run_workloads(exe, seconds, cpu)
             return prog_costs(agent.proc.pid)
         finally:
             stats.write_text(previous)
@@ -205,8 +213,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=3.0, help="duration of each workload run")
+    ap.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1, help="CPU both ends run on; -1: not pinned")
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="untraced is always run")
     args = ap.parse_args()
+    pin_cpu = None if args.cpu < 0 else args.cpu
     configs = {c: e for c, e in CONFIGS.items() if c == "untraced" or c in args.configs}
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-net-"))
     (work / "tcpbench.c").write_text(WORKLOAD)
@@ -218,14 +228,16 @@ def main() -> int:
     for r in range(args.rounds):
         for config, ebpf in configs.items():
             with configured(config, ebpf, work):
-                for w, (per_wall, per_cpu) in run_workloads(exe, args.seconds).items():
+                for w, (per_wall, per_cpu) in run_workloads(exe, args.seconds, pin_cpu).items():
                     wall[config][w].append(per_wall)
                     cpu[config][w].append(per_cpu)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    print(f"\nmedian of {args.rounds} interleaved rounds, {args.seconds:g} s per run, load {os.getloadavg()[0]:.1f}:")
+    where = "not pinned" if pin_cpu is None else f"both ends on CPU {pin_cpu}"
+    load = os.getloadavg()[0]
+    print(f"\nmedian of {args.rounds} interleaved rounds, {args.seconds:g} s per run, {where}, load {load:.1f}:")
     for title, results in (("per wall-clock second", wall), ("per CPU second of the workload", cpu)):
-        base = {w: statistics.median(results["untraced"][w]) for w in WORKLOADS}
+        base = results["untraced"]
         print(f"\n{title}:\n")
         print(f"| configuration | {' | '.join(WORKLOADS)} |")
         print(f"|---|{'---|' * len(WORKLOADS)}")
@@ -233,7 +245,8 @@ def main() -> int:
             cells = []
             for w in WORKLOADS:
                 med = statistics.median(results[config][w])
-                loss = "" if config == "untraced" else f" ({100 * (1 - med / base[w]):+.1f}%)"
+                paired = (100 * (1 - v / b) for v, b in zip(results[config][w], base[w]))
+                loss = "" if config == "untraced" else f" ({statistics.median(paired):+.1f}%)"
                 cells.append(f"{med:,.0f}{loss}")
             print(f"| {config} | {' | '.join(cells)} |")
 
@@ -242,7 +255,7 @@ def main() -> int:
             continue
         print(f"\n{config}: programs during one run of the workloads (kernel.bpf_stats_enabled):\n")
         print("| program | runs | ns per run | ms in total |\n|---|---|---|---|")
-        costs = measure_programs(exe, work, args.seconds, config)
+        costs = measure_programs(exe, work, args.seconds, config, pin_cpu)
         for name, (runs, ns) in sorted(costs.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
             print(f"| {name} | {runs:,} | {ns:.0f} | {runs * ns / 1e6:.0f} |")
     return 0

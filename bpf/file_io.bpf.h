@@ -80,13 +80,15 @@ static __always_inline bool in_compat_syscall(struct task_struct *task)
 	return false;
 }
 
+#ifdef TFO_RDONLY_CAST
 /* A pointer cast to a BTF type (or, with id 0, to plain memory), whose contents are then read by
- * plain loads (kernel 6.2+; casting to memory, later kernels). Weak: where the kernel lacks it,
- * only the programs calling it (tp_btf mode) fail to load, and the collector falls back to raw_tp,
- * which reads through helpers. */
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+ * plain loads. Only in syscalls.cast.bpf.o: kernels without it (before 6.2; casting to memory,
+ * later still) reject that object, and the collector loads syscalls.bpf.o. */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+#endif
 
-/* Does the task's descriptor fd refer to a regular file? cast: plain loads instead of helpers. */
+/* Does the task's descriptor fd refer to a regular file? cast (tp_btf programs of the cast build):
+ * plain loads instead of helpers. */
 static __always_inline bool fd_is_regular(struct task_struct *task, long fd, bool cast)
 {
 	struct fdtable *fdt = task->files->fdt;
@@ -94,6 +96,7 @@ static __always_inline bool fd_is_regular(struct task_struct *task, long fd, boo
 
 	if (fd < 0 || fd >= fdt->max_fds)
 		return false;
+#ifdef TFO_RDONLY_CAST
 	if (cast) {
 		struct file **slots = bpf_rdonly_cast(fdt->fd, 0); /* not a BTF type: plain memory */
 		struct file *file;
@@ -104,6 +107,7 @@ static __always_inline bool fd_is_regular(struct task_struct *task, long fd, boo
 		file = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
 		return (file->f_inode->i_mode & S_IFMT) == S_IFREG;
 	}
+#endif
 	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);
 	return f && (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFREG;
 }

@@ -8,13 +8,17 @@ import shutil
 import signal
 import subprocess
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from agent.collectors import FORCE_ATTACH_ENV
-from tests.conftest import Agent, wait_for
+from agent.collectors.syscalls import SyscallsCollector
+from agent.config import EbpfConfig
+from agent.filters import Filters
+from tests.conftest import BPF_DIR, Agent, wait_for
 
 WORKLOAD = r"""
 #include <fcntl.h>
@@ -227,3 +231,19 @@ def test_self_metrics_report_attachment(agent_factory: Callable[..., Agent]) -> 
     attached = [dict(k[1]) for k in series if k[0] == "tfo_agent_program_attached"]
     assert {a["program"] for a in attached} >= {"tpbtf_sys_enter", "tpbtf_sys_exit"}
     assert {a["attach_type"] for a in attached} == {"tp_btf"}
+
+
+def test_cast_build_first_then_the_plain_object(tmp_path: Path) -> None:
+    """tp_btf comes from syscalls.cast.bpf.o where the kernel has bpf_rdonly_cast (this one does),
+    and from syscalls.bpf.o where that build is missing or refused (kernels before 6.2)."""
+    cfg = replace(EbpfConfig(), programs_path=str(BPF_DIR))
+    for programs, expected in ((BPF_DIR, "syscalls.cast.bpf.o"), (tmp_path, "syscalls.bpf.o")):
+        if programs == tmp_path:
+            shutil.copy(BPF_DIR / "syscalls.bpf.o", tmp_path)
+        collector = SyscallsCollector(replace(cfg, programs_path=str(programs)), Filters.from_config(cfg))
+        collector.start(pin=False)
+        try:
+            assert collector.obj is not None and collector.attach_type == "tp_btf"
+            assert os.path.basename(collector.obj.path) == expected
+        finally:
+            collector.stop()

@@ -20,7 +20,7 @@ import struct
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 from agent.config import EbpfConfig
 from agent.filters import UNIT, Filters
@@ -29,8 +29,18 @@ from agent.registry import MetricFamily
 
 log = logging.getLogger(__name__)
 
-# (attach type, program name prefix), most preferred first.
-DEFAULT_MODES: tuple[tuple[str, str], ...] = (("raw_tp", "raw_"), ("tracepoint", "tp_"))
+
+class Mode(NamedTuple):
+    """Programs named ``prefix*`` attached as ``attach_type``, from the collector's object or, with
+    ``variant``, from ``NAME.VARIANT.bpf.o``: a build of the same source for newer kernels."""
+
+    attach_type: str
+    prefix: str
+    variant: str = ""
+
+
+# Most preferred first.
+DEFAULT_MODES: tuple[Mode, ...] = (Mode("raw_tp", "raw_"), Mode("tracepoint", "tp_"))
 _BSS = struct.Struct("<IIQ")  # tfo_kgen, padding, tfo_map_full
 _U32 = struct.Struct("<I")
 FORCE_ATTACH_ENV = "TFO_AGENT_FORCE_ATTACH"
@@ -77,7 +87,7 @@ class BpfCollector:
     name: ClassVar[str]
     switch: ClassVar[str]  # the collect_* config key that enables it
     pinned: ClassVar[tuple[str, ...]] = ()  # maps that keep counters across restarts
-    modes: ClassVar[tuple[tuple[str, str], ...]] = DEFAULT_MODES
+    modes: ClassVar[tuple[tuple[str, ...], ...]] = DEFAULT_MODES  # Mode fields
     object_name: ClassVar[str] = ""  # the object's name when it is not the collector's
     feature: ClassVar[int] = 0  # this collector's bit in a shared object's tfo_features
 
@@ -97,7 +107,11 @@ class BpfCollector:
 
     @property
     def object_path(self) -> str:
-        return os.path.join(self.cfg.programs_path, f"{self.object_stem()}.bpf.o")
+        return self.variant_path("")
+
+    def variant_path(self, variant: str) -> str:
+        name = f"{self.object_stem()}.{variant}" if variant else self.object_stem()
+        return os.path.join(self.cfg.programs_path, f"{name}.bpf.o")
 
     def sharers(self) -> list[type[BpfCollector]]:
         """Every collector class of this build on this collector's object (itself included)."""
@@ -138,30 +152,34 @@ class BpfCollector:
         if forced:
             modes = tuple(m for m in self.modes if m[0] == forced)
             if not modes:
-                known = ", ".join(m[0] for m in self.modes)
+                known = ", ".join(dict.fromkeys(m[0] for m in self.modes))
                 self.error = f"{FORCE_ATTACH_ENV} asks for {forced!r}, {self.name} has: {known}"
                 raise CollectorError(self.error)
         reasons = []
-        for attach_type, prefix in modes:
+        for mode in (Mode(*m) for m in modes):
+            label = f"{mode.attach_type} ({mode.variant})" if mode.variant else mode.attach_type
             try:
-                return self._start_mode(attach_type, prefix, pin)
+                return self._start_mode(mode, pin)
             except LibbpfError as exc:
                 if pin and exc.errno == 22 and "pinned" in str(exc):
                     self._drop_incompatible_pins(exc)
                     try:
-                        return self._start_mode(attach_type, prefix, pin)
+                        return self._start_mode(mode, pin)
                     except LibbpfError as again:
                         exc = again
-                reasons.append(f"{attach_type}: {exc}")
+                reasons.append(f"{label}: {exc}")
         self.error = "; ".join(reasons)
         raise CollectorError(self.error)
 
-    def _start_mode(self, attach_type: str, prefix: str, pin: bool) -> Loaded:
-        obj = BpfObject(self.object_path, btf_custom_path=self.cfg.btf_custom_path)
+    def _start_mode(self, mode: Mode, pin: bool) -> Loaded:
+        path = self.variant_path(mode.variant)
+        if mode.variant and not os.path.exists(path):
+            raise LibbpfError(2, f"{path} not found")
+        obj = BpfObject(path, btf_custom_path=self.cfg.btf_custom_path)
         try:
-            programs = [p for p in obj.program_names if p.startswith(prefix)]
+            programs = [p for p in obj.program_names if p.startswith(mode.prefix)]
             if not programs:
-                raise LibbpfError(22, f"{os.path.basename(self.object_path)} has no {prefix}* programs")
+                raise LibbpfError(22, f"{os.path.basename(path)} has no {mode.prefix}* programs")
             for p in obj.program_names:
                 obj.set_autoload(p, p in programs)
             if pin:
@@ -183,7 +201,7 @@ class BpfCollector:
         except BaseException:
             obj.close()
             raise
-        return Loaded(obj, links, attach_type)
+        return Loaded(obj, links, mode.attach_type)
 
     def _drop_incompatible_pins(self, exc: LibbpfError) -> None:
         log.warning(

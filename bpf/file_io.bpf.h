@@ -82,14 +82,15 @@ static __always_inline bool in_compat_syscall(struct task_struct *task)
 
 #ifdef TFO_RDONLY_CAST
 /* A pointer cast to a BTF type (or, with id 0, to plain memory), whose contents are then read by
- * plain loads. Only in syscalls.cast.bpf.o: kernels without it (before 6.2; casting to memory,
- * later still) reject that object, and the collector loads syscalls.bpf.o. */
+ * plain loads. Only in syscalls.cast.bpf.o, whose tp_btf programs the agent tries first: kernels
+ * without it (before 6.2; casting to memory, later still) reject that object, and the agent loads
+ * syscalls.bpf.o. */
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 #endif
 
-/* Does the task's descriptor fd refer to a regular file? cast (tp_btf programs of the cast build):
- * plain loads instead of helpers. */
-static __always_inline bool fd_is_regular(struct task_struct *task, long fd, bool cast)
+/* Does the task's descriptor fd refer to a regular file? The cast build reads the descriptor slot
+ * and the file with plain loads, the other through helpers. */
+static __always_inline bool fd_is_regular(struct task_struct *task, long fd)
 {
 	struct fdtable *fdt = task->files->fdt;
 	struct file *f = NULL;
@@ -97,42 +98,37 @@ static __always_inline bool fd_is_regular(struct task_struct *task, long fd, boo
 	if (fd < 0 || fd >= fdt->max_fds)
 		return false;
 #ifdef TFO_RDONLY_CAST
-	if (cast) {
-		struct file **slots = bpf_rdonly_cast(fdt->fd, 0); /* not a BTF type: plain memory */
-		struct file *file;
-
-		f = slots[fd];
-		if (!f)
-			return false;
-		file = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
-		return (file->f_inode->i_mode & S_IFMT) == S_IFREG;
-	}
-#endif
+	f = ((struct file **)bpf_rdonly_cast(fdt->fd, 0))[fd]; /* not a BTF type: plain memory */
+	if (!f)
+		return false;
+	f = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
+	return (f->f_inode->i_mode & S_IFMT) == S_IFREG;
+#else
 	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);
 	return f && (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFREG;
+#endif
 }
 
 /* The file operation syscall id starts with first argument fd, or FOP_NONE when it is not file
  * I/O (another syscall, a 32-bit syscall, a descriptor that is not a regular file). Opens are
  * checked on return, when the descriptor exists. */
-static __always_inline __u32 file_op_at_enter(struct task_struct *task, long id, long fd, bool cast)
+static __always_inline __u32 file_op_at_enter(struct task_struct *task, long id, long fd)
 {
 	__u32 op = file_op(id);
 
 	if (op == FOP_NONE || in_compat_syscall(task))
 		return FOP_NONE;
-	return op == FOP_OPEN || fd_is_regular(task, fd, cast) ? op : FOP_NONE;
+	return op == FOP_OPEN || fd_is_regular(task, fd) ? op : FOP_NONE;
 }
 
 /* Account a file operation that took ns nanoseconds and returned ret, at weight w. */
-static __always_inline void file_io_account(struct task_struct *task, __u32 op, long ret, __u64 ns, __u32 w,
-					    bool cast)
+static __always_inline void file_io_account(struct task_struct *task, __u32 op, long ret, __u64 ns, __u32 w)
 {
 	struct tfo_comm_val *v;
 	struct tfo_hist *h;
 	__u32 idx = op - 1;
 
-	if (ret < 0 || (op == FOP_OPEN && !fd_is_regular(task, ret, cast)))
+	if (ret < 0 || (op == FOP_OPEN && !fd_is_regular(task, ret)))
 		return;
 	h = bpf_map_lookup_elem(&file_latency, &idx);
 	if (h)

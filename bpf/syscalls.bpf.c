@@ -71,8 +71,7 @@ static __always_inline int on_enter(struct task_struct *task, long id, __u32 op)
 	return 0;
 }
 
-/* cast: the program may use bpf_rdonly_cast (tp_btf mode). */
-static __always_inline int on_exit(long ret, bool cast)
+static __always_inline int on_exit(long ret)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct tfo_task *t = bpf_task_storage_get(&tfo_tasks, task, 0, 0);
@@ -98,7 +97,7 @@ static __always_inline int on_exit(long ret, bool cast)
 		}
 	}
 	if (op != FOP_NONE && (tfo_features & F_FILE_IO))
-		file_io_account(task, op, ret, ns, w, cast);
+		file_io_account(task, op, ret, ns, w);
 	return 0;
 }
 
@@ -113,13 +112,13 @@ int BPF_PROG(tpbtf_sys_enter, struct pt_regs *regs, long id)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 
-	return on_enter(task, id, wants_fd(id) ? file_op_at_enter(task, id, SYSCALL_ARG0(regs), true) : FOP_NONE);
+	return on_enter(task, id, wants_fd(id) ? file_op_at_enter(task, id, SYSCALL_ARG0(regs)) : FOP_NONE);
 }
 
 SEC("tp_btf/sys_exit")
 int BPF_PROG(tpbtf_sys_exit, struct pt_regs *regs, long ret)
 {
-	return wants_exit(SYSCALL_NR(regs)) ? on_exit(ret, true) : 0;
+	return wants_exit(SYSCALL_NR(regs)) ? on_exit(ret) : 0;
 }
 
 SEC("raw_tp/sys_enter")
@@ -128,14 +127,14 @@ int BPF_PROG(raw_sys_enter, struct pt_regs *regs, long id)
 	struct task_struct *task = bpf_get_current_task_btf();
 
 	return on_enter(task, id,
-			wants_fd(id) ? file_op_at_enter(task, id, PT_REGS_PARM1_CORE_SYSCALL(regs), false) : FOP_NONE);
+			wants_fd(id) ? file_op_at_enter(task, id, PT_REGS_PARM1_CORE_SYSCALL(regs)) : FOP_NONE);
 }
 
 SEC("raw_tp/sys_exit")
 int BPF_PROG(raw_sys_exit, struct pt_regs *regs, long ret)
 {
 	/* the syscall number costs a helper call here: read it only when syscalls is off */
-	return (tfo_features & F_SYSCALLS) || wants_exit(SYSCALL_NR_CORE(regs)) ? on_exit(ret, false) : 0;
+	return (tfo_features & F_SYSCALLS) || wants_exit(SYSCALL_NR_CORE(regs)) ? on_exit(ret) : 0;
 }
 
 SEC("tracepoint/raw_syscalls/sys_enter")
@@ -144,13 +143,13 @@ int tp_sys_enter(struct trace_event_raw_sys_enter *ctx)
 	struct task_struct *task = bpf_get_current_task_btf();
 
 	return on_enter(task, ctx->id,
-			wants_fd(ctx->id) ? file_op_at_enter(task, ctx->id, ctx->args[0], false) : FOP_NONE);
+			wants_fd(ctx->id) ? file_op_at_enter(task, ctx->id, ctx->args[0]) : FOP_NONE);
 }
 
 SEC("tracepoint/raw_syscalls/sys_exit")
 int tp_sys_exit(struct trace_event_raw_sys_exit *ctx)
 {
-	return wants_exit(ctx->id) ? on_exit(ctx->ret, false) : 0;
+	return wants_exit(ctx->id) ? on_exit(ctx->ret) : 0;
 }
 
 TFO_FILTER_PROGRAMS

@@ -39,8 +39,10 @@ class Mode(NamedTuple):
     variant: str = ""
 
 
+TP_BTF = Mode("tp_btf", "tpbtf_")  # typed pointers: kernel fields are plain loads
+RAW_TP = Mode("raw_tp", "raw_")
 # Most preferred first.
-DEFAULT_MODES: tuple[Mode, ...] = (Mode("raw_tp", "raw_"), Mode("tracepoint", "tp_"))
+DEFAULT_MODES: tuple[Mode, ...] = (RAW_TP, Mode("tracepoint", "tp_"))
 _BSS = struct.Struct("<IIQ")  # tfo_kgen, padding, tfo_map_full
 _U32 = struct.Struct("<I")
 FORCE_ATTACH_ENV = "TFO_AGENT_FORCE_ATTACH"
@@ -87,19 +89,28 @@ class BpfCollector:
     name: ClassVar[str]
     switch: ClassVar[str]  # the collect_* config key that enables it
     pinned: ClassVar[tuple[str, ...]] = ()  # maps that keep counters across restarts
-    modes: ClassVar[tuple[tuple[str, ...], ...]] = DEFAULT_MODES  # Mode fields
+    modes: ClassVar[tuple[Mode, ...]] = DEFAULT_MODES
     object_name: ClassVar[str] = ""  # the object's name when it is not the collector's
     feature: ClassVar[int] = 0  # this collector's bit in a shared object's tfo_features
 
     def __init__(self, cfg: EbpfConfig, filters: Filters) -> None:
         self.cfg = cfg
         self.filters = filters
-        self.obj: Optional[BpfObject] = None
-        self.links: list[Link] = []
-        self.attach_type = ""
         self.error = ""
         self.read_errors = 0
-        self._loaded: Optional[tuple[tuple[str, bool], Loaded]] = None
+        self._loaded: Optional[tuple[tuple[str, bool], Loaded]] = None  # (_LOADED key, object) once started
+
+    @property
+    def obj(self) -> Optional[BpfObject]:
+        return self._loaded[1].obj if self._loaded else None
+
+    @property
+    def links(self) -> list[Link]:
+        return self._loaded[1].links if self._loaded else []
+
+    @property
+    def attach_type(self) -> str:
+        return self._loaded[1].attach_type if self._loaded else ""
 
     @classmethod
     def object_stem(cls) -> str:
@@ -121,7 +132,10 @@ class BpfCollector:
 
     @property
     def pin_dir(self) -> str:
-        return os.path.join(self.cfg.pin_path, self.name)
+        return self.pin_dir_of(self.name)
+
+    def pin_dir_of(self, collector: str) -> str:
+        return os.path.join(self.cfg.pin_path, collector)
 
     @property
     def up(self) -> bool:
@@ -140,8 +154,7 @@ class BpfCollector:
             loaded.users.append(self.name)
             if self.feature:
                 loaded.set_feature(self.feature, True)
-        self._loaded = (key, loaded)
-        self.obj, self.links, self.attach_type, self.error = loaded.obj, loaded.links, loaded.attach_type, ""
+        self._loaded, self.error = (key, loaded), ""
 
     def _load(self, pin: bool) -> Loaded:
         if not os.path.exists(self.object_path):
@@ -150,13 +163,13 @@ class BpfCollector:
         modes = self.modes
         forced = forced_attach_types().get(self.name)
         if forced:
-            modes = tuple(m for m in self.modes if m[0] == forced)
+            modes = tuple(m for m in self.modes if m.attach_type == forced)
             if not modes:
-                known = ", ".join(dict.fromkeys(m[0] for m in self.modes))
+                known = ", ".join(dict.fromkeys(m.attach_type for m in self.modes))
                 self.error = f"{FORCE_ATTACH_ENV} asks for {forced!r}, {self.name} has: {known}"
                 raise CollectorError(self.error)
         reasons = []
-        for mode in (Mode(*m) for m in modes):
+        for mode in modes:
             label = f"{mode.attach_type} ({mode.variant})" if mode.variant else mode.attach_type
             try:
                 return self._start_mode(mode, pin)
@@ -184,7 +197,7 @@ class BpfCollector:
                 obj.set_autoload(p, p in programs)
             if pin:
                 for cls in self.sharers():
-                    pin_dir = os.path.join(self.cfg.pin_path, cls.name)
+                    pin_dir = self.pin_dir_of(cls.name)
                     os.makedirs(pin_dir, exist_ok=True)
                     for m in cls.pinned:
                         obj.set_pin_path(m, os.path.join(pin_dir, m))
@@ -211,7 +224,7 @@ class BpfCollector:
             exc,
         )
         for cls in self.sharers():
-            shutil.rmtree(os.path.join(self.cfg.pin_path, cls.name), ignore_errors=True)
+            shutil.rmtree(self.pin_dir_of(cls.name), ignore_errors=True)
 
     def stop(self) -> None:
         """Leave the object; the last user detaches and frees it. Pinned maps stay (counters
@@ -226,7 +239,7 @@ class BpfCollector:
                 loaded.close()
             elif self.feature:
                 loaded.set_feature(self.feature, False)
-        self._loaded, self.obj, self.links = None, None, []
+        self._loaded = None
 
     def remove_pins(self) -> None:
         shutil.rmtree(self.pin_dir, ignore_errors=True)
@@ -237,9 +250,9 @@ class BpfCollector:
 
     def map_full_events(self) -> int:
         """Events an object's full maps lost (reported by its first user only, when shared)."""
-        if not self.obj or not self._loaded or self._loaded[1].users[0] != self.name:
+        if self._loaded is None or self._loaded[1].users[0] != self.name:
             return 0
-        raw = self.obj.map(".bss").lookup(b"\0\0\0\0")
+        raw = self._loaded[1].obj.map(".bss").lookup(b"\0\0\0\0")
         return _BSS.unpack_from(raw)[2] if raw else 0
 
     def collect(self) -> list[MetricFamily]:

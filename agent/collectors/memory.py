@@ -7,6 +7,7 @@ Exposed as ``ebpf_page_faults_total{comm}``, ``ebpf_memory_allocations_total{com
 
 from __future__ import annotations
 
+from agent.collectors import RAW_TP, TP_BTF
 from agent.collectors.comm_cap import COMM_MAPS, CommCollector, CommFamily
 
 
@@ -16,7 +17,7 @@ class MemoryCollector(CommCollector):
     name = "memory"
     switch = "collect_memory"
     pinned = COMM_MAPS
-    modes = (("tp_btf", "tpbtf_"), ("raw_tp", "raw_"))  # raw_tp: kernels like 6.1 whose tracepoint types differ
+    modes = (TP_BTF, RAW_TP)  # raw_tp: kernels like 6.1 whose tracepoint types differ
     comm_values = 4
     comm_families = (
         CommFamily("ebpf_page_faults", "Page faults on user-space addresses, by faulting process.", ((0, ()),)),

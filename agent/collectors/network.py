@@ -11,7 +11,7 @@ import os
 import struct
 from collections.abc import Iterable
 
-from agent.collectors import DEFAULT_MODES, BpfCollector, log2_histogram, sum_percpu_u64
+from agent.collectors import DEFAULT_MODES, TP_BTF, BpfCollector, Mode, log2_histogram, sum_percpu_u64
 from agent.filters import UNIT
 from agent.registry import Kind, MetricFamily
 
@@ -89,7 +89,7 @@ class NetworkCollector(TcpStateCollector):
     pinned = ("traffic", "connect_latency", "retransmits")
     # tp_btf reads socket fields without helpers; fentry (fexit on sock_sendmsg/sock_recvmsg) serves
     # kernels before 6.3, which lack the sock_*_length tracepoints.
-    modes = (("tp_btf", "tpbtf_"), *DEFAULT_MODES, ("fentry", "fentry_"))
+    modes = (TP_BTF, *DEFAULT_MODES, Mode("fentry", "fentry_"))
 
     def read(self) -> Iterable[MetricFamily]:
         assert self.obj is not None

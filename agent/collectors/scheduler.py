@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from agent.collectors import TP_BTF
 from agent.collectors.comm_cap import COMM_MAPS, CommCollector, CommFamily, add_ns_histogram
 from agent.registry import Kind, MetricFamily
 
@@ -20,7 +21,7 @@ class SchedulerCollector(CommCollector):
     name = "scheduler"
     switch = "collect_scheduler"
     pinned = (*COMM_MAPS, "runq_latency")
-    modes = (("tp_btf", "tpbtf_"),)
+    modes = (TP_BTF,)
     comm_values = 3
     comm_families = (
         CommFamily("ebpf_process_runtime_seconds", "CPU time of the process's tasks.", ((0, ()),), per_unit=10**9),

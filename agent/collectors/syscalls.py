@@ -14,7 +14,7 @@ import platform
 import struct
 from collections.abc import Iterable
 
-from agent.collectors import DEFAULT_MODES, BpfCollector, Mode, log2_histogram, sum_percpu_u64
+from agent.collectors import DEFAULT_MODES, TP_BTF, BpfCollector, log2_histogram, sum_percpu_u64
 from agent.collectors.syscall_table import SYSCALLS
 from agent.filters import UNIT
 from agent.registry import Kind, MetricFamily
@@ -24,7 +24,7 @@ MIN_SLOT, MAX_SLOT = 7, 33  # 128 ns .. ~8.6 s
 NS = 1e-9
 # tp_btf first: typed pointers read the syscall number and arguments without helper calls; the
 # cast build (syscalls.cast.bpf.o, kernel 6.2+) reads files without helper calls too.
-SYSCALL_HOOK_MODES = (Mode("tp_btf", "tpbtf_", "cast"), Mode("tp_btf", "tpbtf_"), *DEFAULT_MODES)
+SYSCALL_HOOK_MODES = (TP_BTF._replace(variant="cast"), TP_BTF, *DEFAULT_MODES)
 
 
 class SyscallsCollector(BpfCollector):

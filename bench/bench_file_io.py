@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from bench.bpf_stats import bpf_stats, program_costs
 from bench.syscall_floor import FLOOR, configured
 from tests.conftest import running_agent
 
@@ -151,24 +152,14 @@ def wait_quiet(timeout: float = 300.0) -> bool:
     return True
 
 
-def program_costs(exe: Path, data: Path, work: Path, seconds: float) -> dict[str, tuple[int, int]]:
+def measure_programs(exe: Path, data: Path, work: Path, seconds: float) -> dict[str, tuple[int, int]]:
     """BPF program name -> (runs, ns) over one run of the workloads, all collectors on."""
-    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
-    with running_agent(CONFIGS["defaults+sched+mem"], work):
-        previous = stats.read_text()
+    with running_agent(CONFIGS["defaults+sched+mem"], work) as agent:
+        assert agent is not None and agent.proc is not None
         time.sleep(SETTLE)
-        stats.write_text("1")
-        try:
+        with bpf_stats():
             run_workloads(exe, data, seconds)
-        finally:
-            stats.write_text(previous)
-        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    costs: dict[str, tuple[int, int]] = {}
-    for prog in json.loads(out):
-        if prog.get("run_cnt"):
-            runs, ns = costs.get(prog["name"], (0, 0))
-            costs[prog["name"]] = (runs + prog["run_cnt"], ns + prog["run_time_ns"])
-    return costs
+        return program_costs(agent.proc.pid)
 
 
 def run_workloads(exe: Path, data: Path, seconds: float) -> dict[str, float]:
@@ -205,7 +196,7 @@ def main() -> int:
                         results[config][w].append(v)
             print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-        costs = program_costs(exe, data, work, args.seconds)
+        costs = measure_programs(exe, data, work, args.seconds)
     finally:
         shutil.rmtree(data, ignore_errors=True)
 

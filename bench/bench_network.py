@@ -18,9 +18,7 @@ Run: .venv/bin/python -m bench.bench_network [--rounds 5] [--seconds 3] [--cpu N
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -28,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from bench.bpf_stats import bpf_stats, program_costs
 from bench.syscall_floor import FLOOR, configured
 from tests.conftest import running_agent
 
@@ -174,39 +173,15 @@ def run_workloads(exe: Path, seconds: float, cpu: Optional[int]) -> dict[str, tu
     return out
 
 
-def prog_costs(pid: int) -> dict[str, tuple[int, float]]:
-    """Program name -> (runs, ns per run) of the BPF programs process ``pid`` holds (bpf_stats)."""
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        ids.update(int(m) for m in re.findall(r"^prog_id:\s+(\d+)", text, re.M))
-    runs: dict[str, int] = {}
-    ns: dict[str, int] = {}
-    for i in sorted(ids):
-        info = json.loads(subprocess.run(["bpftool", "prog", "show", "id", str(i), "-j"], capture_output=True).stdout)
-        if info.get("run_cnt"):  # same-named programs of several objects (filter caches) add up
-            runs[info["name"]] = runs.get(info["name"], 0) + info["run_cnt"]
-            ns[info["name"]] = ns.get(info["name"], 0) + info["run_time_ns"]
-    return {name: (runs[name], ns[name] / runs[name]) for name in runs}
-
-
 def measure_programs(
     exe: Path, work: Path, seconds: float, config: str, cpu: Optional[int]
-) -> dict[str, tuple[int, float]]:
-    """Run the workloads once under ``config`` with kernel.bpf_stats_enabled."""
-    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
-    previous = stats.read_text().strip()
+) -> dict[str, tuple[int, int]]:
+    """Program name -> (runs, ns) over one run of the workloads under ``config``."""
     with running_agent(CONFIGS[config], work) as agent:
         assert agent is not None and agent.proc is not None
-        try:
-            stats.write_text("1")
+        with bpf_stats():
             run_workloads(exe, seconds, cpu)
-            return prog_costs(agent.proc.pid)
-        finally:
-            stats.write_text(previous)
+        return program_costs(agent.proc.pid)
 
 
 def main() -> int:
@@ -256,8 +231,8 @@ def main() -> int:
         print(f"\n{config}: programs during one run of the workloads (kernel.bpf_stats_enabled):\n")
         print("| program | runs | ns per run | ms in total |\n|---|---|---|---|")
         costs = measure_programs(exe, work, args.seconds, config, pin_cpu)
-        for name, (runs, ns) in sorted(costs.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
-            print(f"| {name} | {runs:,} | {ns:.0f} | {runs * ns / 1e6:.0f} |")
+        for name, (runs, ns) in sorted(costs.items(), key=lambda kv: -kv[1][1]):
+            print(f"| {name} | {runs:,} | {ns / runs:.0f} | {ns / 1e6:.0f} |")
     return 0
 
 

@@ -86,6 +86,12 @@ def tool(name: str) -> str:
     return found
 
 
+def run_ok(cmd: list[str], timeout: float, **kwargs: Any) -> None:
+    """Run ``cmd`` (cwd, env… in ``kwargs``) and assert that it succeeded, showing its output if not."""
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+
+
 def defaults() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
     return data
@@ -154,24 +160,8 @@ def render(tmp_path: Path, group: str) -> dict[str, Any]:
     low = tmp_path / "defaults-inventory.yml"
     low.write_text(yaml.safe_dump({"all": {"vars": defaults()}}))
     env = dict(os.environ, ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_NOCOLOR="1")
-    result = subprocess.run(
-        [tool("ansible-playbook"), "-i", str(low), "-i", str(EXAMPLE), str(play), "-e", f"@{extras}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    validate = subprocess.run(
-        [sys.executable, "-m", "agent", "config", "validate", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-    )
-    assert validate.returncode == 0, validate.stdout + validate.stderr
+    run_ok([tool("ansible-playbook"), "-i", str(low), "-i", str(EXAMPLE), str(play), "-e", f"@{extras}"], 300, env=env)
+    run_ok([sys.executable, "-m", "agent", "config", "validate", str(out)], 60, cwd=REPO)
     config: dict[str, Any] = yaml.safe_load(out.read_text())
     return config
 
@@ -197,23 +187,8 @@ def test_example_groups_render_valid_configs_that_follow_group_vars(tmp_path: Pa
 
 @pytest.mark.parametrize("playbook", ["install.yml", "uninstall.yml"])
 def test_playbooks_syntax(playbook: str) -> None:
-    result = subprocess.run(
-        [tool("ansible-playbook"), "--syntax-check", "-i", str(EXAMPLE), str(REPO / "playbooks" / playbook)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_ok([tool("ansible-playbook"), "--syntax-check", "-i", str(EXAMPLE), str(REPO / "playbooks" / playbook)], 300)
 
 
 def test_ansible_lint_production_profile() -> None:
-    result = subprocess.run(
-        [tool("ansible-lint"), "--offline", "--profile", "production", *LINTED],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    run_ok([tool("ansible-lint"), "--offline", "--profile", "production", *LINTED], 600, cwd=REPO)

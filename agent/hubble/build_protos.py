@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROTO_DIR = HERE / "protos"
 OUT_DIR = HERE / "proto_gen"
-PACKAGES = ("flow", "relay", "observer")
+PACKAGES = ("flow", "relay", "observer", "health")
 _IMPORT_RE = re.compile(r"^from ({}) import ".format("|".join(PACKAGES)), re.MULTILINE)
 
 
@@ -41,6 +41,15 @@ def build(out_dir: Path = OUT_DIR) -> None:
         (d / "__init__.py").touch()
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+
+
+def outdated(out_dir: Path = OUT_DIR, missing_only: bool = False) -> bool:
+    """True when a generated module is missing or (unless ``missing_only``) older than its .proto."""
+    for proto in PROTO_DIR.glob("*/*.proto"):
+        gen = out_dir / proto.parent.name / f"{proto.stem}_pb2.py"
+        if not gen.exists() or (not missing_only and gen.stat().st_mtime < proto.stat().st_mtime):
+            return True
+    return False
 
 
 def main() -> int:

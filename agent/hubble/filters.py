@@ -1,10 +1,11 @@
-"""GetFlowsRequest filtering as Hubble does it, for the replay relay.
+"""GetFlowsRequest filtering and field-mask checking as Hubble does them, for the replay relay.
 
 Implemented ``FlowFilter`` fields: ``node_name``, ``source_pod``/``destination_pod`` (``ns/`` and
 ``ns/pod-prefix``), ``verdict``. Other fields are accepted and ignored (they do not narrow the match).
 Within one filter every implemented field that is set must match (values of one field are
 alternatives); a flow passes the whitelist when one filter matches and is removed by the blacklist
-when one filter matches.
+when one filter matches. A ``field_mask`` path must name a field of ``flow.Flow`` (through singular
+messages only), as Hubble's ``FieldMask.IsValid`` requires; the paths come from the proto descriptor.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Optional
+
+from google.protobuf.field_mask_pb2 import FieldMask
 
 from agent.hubble.proto import flow_pb2
 
@@ -65,3 +69,11 @@ def request_selects(
     if whitelist and not any(filter_matches(f, flow, node) for f in whitelist):
         return False
     return not any(filter_matches(f, flow, node) for f in blacklist)
+
+
+def invalid_mask_path(paths: Sequence[str]) -> Optional[str]:
+    """The first ``field_mask`` path that names no field of ``flow.Flow``, else None."""
+    for path in paths:
+        if not FieldMask(paths=[path]).IsValidForDescriptor(flow_pb2.Flow.DESCRIPTOR):
+            return path
+    return None

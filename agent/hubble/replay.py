@@ -4,9 +4,11 @@
 
 FLOWS is Hubble's JSON output, one GetFlowsResponse per line (``hubble observe -o json``). The
 relay honours what real clients send: ``whitelist``/``blacklist`` (see ``filters``), ``number`` and
-``first``, ``follow``, ``since``/``until`` and ``field_mask``; anything else is accepted and ignored.
-With ``follow`` the stream stays open after the recording (or loops over it with ``--loop``, each
-pass shifted in time past the previous one).
+``first``, ``follow``, ``since``/``until`` and ``field_mask`` (a path naming no field of
+``flow.Flow`` is INVALID_ARGUMENT); anything else is accepted and ignored. With ``follow`` the stream
+stays open after the recording (or loops over it with ``--loop``, each pass shifted in time past the
+previous one). ServerStatus, GetNodes, GetNamespaces and the gRPC health service answer what the
+hubble CLI asks (see ``relay_services``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -28,8 +31,9 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.field_mask_pb2 import FieldMask
 
-from agent.hubble.filters import request_selects
+from agent.hubble.filters import invalid_mask_path, request_selects
 from agent.hubble.proto import observer_pb2
+from agent.hubble.relay_services import VERSION, HealthService, Inventory
 
 NS = 1_000_000_000
 
@@ -83,8 +87,31 @@ def load_flows(path: str) -> list[observer_pb2.GetFlowsResponse]:
     return out
 
 
+class RateWindow:
+    """Events per second over the last ``span`` seconds, from (time, running count) samples."""
+
+    def __init__(self, span: float = 60.0) -> None:
+        self.span = span
+        self.samples: deque[tuple[float, int]] = deque([(time.monotonic(), 0)])
+
+    def note(self, count: int) -> None:
+        """Record the running count (kept at most once a second)."""
+        now = time.monotonic()
+        if now - self.samples[-1][0] >= 1.0:
+            self.samples.append((now, count))
+            while len(self.samples) > 1 and self.samples[1][0] <= now - self.span:
+                self.samples.popleft()
+
+    def rate(self, count: int) -> float:
+        """The rate up to now, since the newest sample at least ``span`` old (or the oldest one)."""
+        self.note(count)
+        t0, c0 = self.samples[0]
+        elapsed = time.monotonic() - t0
+        return (count - c0) / elapsed if elapsed > 0 else 0.0
+
+
 class ObserverService:
-    """GetFlows and ServerStatus over a fixed list of records."""
+    """GetFlows and ServerStatus over a fixed list of records; GetNodes/GetNamespaces by its inventory."""
 
     def __init__(self, records: list[Record], loop: bool = False, rate: float = 0.0) -> None:
         self.records = records
@@ -92,6 +119,8 @@ class ObserverService:
         self.rate = rate
         self.seen = 0
         self.started = time.monotonic()
+        self.flow_rate = RateWindow()
+        self.inventory = Inventory(((r.msg, r.node) for r in records), self.uptime_ns)
         self.stopping = threading.Event()
         span = (records[-1].ts - records[0].ts) if records else 0
         self.period = span + NS  # each loop pass is shifted by this much
@@ -106,16 +135,20 @@ class ObserverService:
                 cached = self._masked[mask] = [_serialise(r.msg, mask, 0) for r in self.records]
             return cached
 
+    def uptime_ns(self) -> int:
+        """Nanoseconds since the service started."""
+        return int((time.monotonic() - self.started) * NS)
+
     def server_status(self, _req: observer_pb2.ServerStatusRequest, _ctx: grpc.ServicerContext) -> Any:
-        nodes = {r.node for r in self.records if r.node}
         resp = observer_pb2.ServerStatusResponse(
             num_flows=len(self.records),
             max_flows=len(self.records),
             seen_flows=self.seen,
-            uptime_ns=int((time.monotonic() - self.started) * NS),
-            version="tfo-agent-replay",
+            uptime_ns=self.uptime_ns(),
+            version=VERSION,
+            flows_rate=self.flow_rate.rate(self.seen),
         )
-        resp.num_connected_nodes.value = len(nodes)
+        resp.num_connected_nodes.value = len(self.inventory.flows)
         resp.num_unavailable_nodes.value = 0
         return resp
 
@@ -152,6 +185,9 @@ class ObserverService:
                 return
 
     def get_flows(self, req: observer_pb2.GetFlowsRequest, ctx: grpc.ServicerContext) -> Iterator[bytes]:
+        bad = invalid_mask_path(req.field_mask.paths)
+        if bad is not None:
+            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid fieldmask: {bad!r} names no field of flow.Flow")
         start = time.monotonic()
         for sent, data in enumerate(self.responses(req)):
             if self.stopping.is_set() or not ctx.is_active():
@@ -161,6 +197,8 @@ class ObserverService:
                 if ahead > 0.002:
                     time.sleep(ahead)
             self.seen += 1
+            if not self.seen & 63:
+                self.flow_rate.note(self.seen)
             yield data
         while req.follow and not req.HasField("until") and ctx.is_active() and not self.stopping.is_set():
             time.sleep(0.05)  # follow: the stream stays open after the recording, unless it is bounded by until
@@ -195,6 +233,7 @@ class ReplayRelay:
 
     def __init__(self, records: list[Record], loop: bool = False, rate: float = 0.0) -> None:
         self.service = ObserverService(records, loop=loop, rate=rate)
+        self.health = HealthService(self.service.stopping)
         self._server: Optional[grpc.Server] = None
 
     def start(self, listen: str, tls: Optional[TlsFiles] = None) -> str:
@@ -208,9 +247,11 @@ class ReplayRelay:
                 request_deserializer=observer_pb2.ServerStatusRequest.FromString,
                 response_serializer=observer_pb2.ServerStatusResponse.SerializeToString,
             ),
+            **self.service.inventory.handlers(),
         }
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[("grpc.so_reuseport", 0)])
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("observer.Observer", handlers),))
+        observer = grpc.method_handlers_generic_handler("observer.Observer", handlers)
+        server.add_generic_rpc_handlers((observer, self.health.handler()))
         try:
             if tls:
                 creds = grpc.ssl_server_credentials(

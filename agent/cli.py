@@ -139,11 +139,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             collector.stop()
     cilium = ebpf.cilium
     if cilium.enabled and "cilium" not in unavailable_features(cfg):
-        from agent.hubble import resolve_node_name
+        from agent.hubble.status import hubble_checks
 
-        node, source = resolve_node_name(cilium)
-        scope = f"node scope as node {node!r} (from {source})" if cilium.flow_scope == "node" else "cluster scope"
-        checks.append(host.Check("hubble flows", "ok", f"{cilium.hubble_address}, {scope}"))
+        checks += hubble_checks(cilium)
     for feature in unavailable_features(cfg):
         checks.append(
             host.Check(

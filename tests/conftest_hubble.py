@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import trustme
+
 from agent.config import CiliumConfig
 from agent.hubble import HubbleIntegration
 from agent.hubble.client import Backoff
@@ -18,6 +20,7 @@ from agent.hubble.replay import ReplayRelay, TlsFiles, load_flows, to_records
 from agent.registry import HistogramSample
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared/fixtures/hubble"
+SERVER_NAME = "relay.hubble-relay.cilium.io"  # the default hubble_tls_server_name
 FIXTURE_FILES = sorted(p.name for p in FIXTURES.glob("*.json*"))
 RCODE = {0: "No Error", 2: "Server Failure", 3: "Non-Existent Domain"}
 
@@ -25,6 +28,27 @@ RCODE = {0: "No Error", 2: "Server Failure", 3: "Non-Existent Domain"}
 def fixture_lines(name: str) -> list[dict[str, Any]]:
     """The JSON objects of a fixture file, one per line."""
     return [json.loads(line) for line in (FIXTURES / name).read_text().splitlines() if line.strip()]
+
+
+def make_pki(directory: Path) -> dict[str, str]:
+    """A CA and PEM files in ``directory``: ``ca``, and ``*_crt``/``*_key`` for the relay's certificate
+    (``server``, issued for SERVER_NAME), one for another name (``wrong``) and a client's (``client``)."""
+    ca = trustme.CA()
+    files = {"ca": directory / "ca.crt"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    for name, host in (("server", SERVER_NAME), ("wrong", "other.example.com"), ("client", "tfo-agent.client")):
+        cert = ca.issue_cert(host)
+        files[f"{name}_crt"] = directory / f"{name}.crt"
+        files[f"{name}_key"] = directory / f"{name}.key"
+        files[f"{name}_crt"].write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(files[f"{name}_key"]))
+    return {k: str(v) for k, v in files.items()}
+
+
+def tls_config(address: str, pki: dict[str, str], **kw: Any) -> CiliumConfig:
+    """A test config with mTLS: the PKI's CA and client certificate, SERVER_NAME checked."""
+    files = {"hubble_tls_ca": pki["ca"], "hubble_tls_cert": pki["client_crt"], "hubble_tls_key": pki["client_key"]}
+    return base_config(address, hubble_tls_enabled=True, hubble_tls_server_name=SERVER_NAME, **{**files, **kw})
 
 
 def base_config(address: str, **kw: Any) -> CiliumConfig:

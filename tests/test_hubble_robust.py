@@ -13,42 +13,37 @@ from pathlib import Path
 
 import grpc
 import pytest
-import trustme
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from agent.config import ConfigError, parse
 from agent.hubble import HubbleIntegration
 from agent.hubble.proto import flow_pb2
 from agent.hubble.replay import TlsFiles, load_flows, main
-from tests.conftest_hubble import FIXTURES, agent, base_config, by, exported, relay, self_metric, settle, wait_for
+from tests.conftest_hubble import (
+    FIXTURES,
+    agent,
+    base_config,
+    by,
+    exported,
+    make_pki,
+    relay,
+    self_metric,
+    settle,
+    tls_config,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER_NAME = "relay.hubble-relay.cilium.io"  # the default hubble_tls_server_name
 
 
 @pytest.fixture()
 def pki(tmp_path: Path) -> dict[str, str]:
-    ca = trustme.CA()
-    files = {"ca": tmp_path / "ca.crt"}
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    for name, host in (("server", SERVER_NAME), ("wrong", "other.example.com"), ("client", "tfo-agent.client")):
-        cert = ca.issue_cert(host)
-        files[f"{name}_crt"] = tmp_path / f"{name}.crt"
-        files[f"{name}_key"] = tmp_path / f"{name}.key"
-        files[f"{name}_crt"].write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
-        cert.private_key_pem.write_to_path(str(files[f"{name}_key"]))
-    return {k: str(v) for k, v in files.items()}
-
-
-def _tls_cfg(addr: str, pki: dict[str, str], **kw: str) -> object:
-    files = {"hubble_tls_ca": pki["ca"], "hubble_tls_cert": pki["client_crt"], "hubble_tls_key": pki["client_key"]}
-    files.update(kw)
-    return base_config(addr, hubble_tls_enabled=True, hubble_tls_server_name=SERVER_NAME, **files)
+    return make_pki(tmp_path)
 
 
 def test_mtls_connects_with_right_ca_cert_key(pki: dict[str, str]) -> None:
     tls = TlsFiles(pki["server_crt"], pki["server_key"], client_ca=pki["ca"])
-    with relay("basic-sample-10-flows.json", tls=tls) as (_, addr), agent(_tls_cfg(addr, pki)) as h:
+    with relay("basic-sample-10-flows.json", tls=tls) as (_, addr), agent(tls_config(addr, pki)) as h:
         settle(h, 10)
         assert sum(v for _, v in exported(h)["hubble_flows"]) == 10
         assert h.status()[0]
@@ -56,14 +51,17 @@ def test_mtls_connects_with_right_ca_cert_key(pki: dict[str, str]) -> None:
 
 def test_mtls_refuses_server_with_wrong_name_and_server_refuses_no_client_cert(pki: dict[str, str]) -> None:
     wrong = TlsFiles(pki["wrong_crt"], pki["wrong_key"], client_ca=pki["ca"])
-    with relay("basic-sample-10-flows.json", tls=wrong) as (_, addr), agent(_tls_cfg(addr, pki)) as h:
+    with relay("basic-sample-10-flows.json", tls=wrong) as (_, addr), agent(tls_config(addr, pki)) as h:
         wait_for(lambda: h.stream.stats.reconnects >= 2, 10, "failed attempts")
         assert h.stream.stats.received == 0
         ready, reason = h.status()
         assert not ready and "UNAVAILABLE" in reason
     right = TlsFiles(pki["server_crt"], pki["server_key"], client_ca=pki["ca"])
     no_client_cert = {"hubble_tls_cert": "", "hubble_tls_key": ""}
-    with relay("basic-sample-10-flows.json", tls=right) as (_, addr), agent(_tls_cfg(addr, pki, **no_client_cert)) as h:
+    with (
+        relay("basic-sample-10-flows.json", tls=right) as (_, addr),
+        agent(tls_config(addr, pki, **no_client_cert)) as h,
+    ):
         wait_for(lambda: h.stream.stats.reconnects >= 2, 10, "failed attempts")
         assert h.stream.stats.received == 0 and not h.status()[0]
 
@@ -71,9 +69,9 @@ def test_mtls_refuses_server_with_wrong_name_and_server_refuses_no_client_cert(p
 def test_missing_or_unreadable_tls_file_is_config_error(pki: dict[str, str], tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.key")
     with pytest.raises(ConfigError, match=r"hubble_tls_key.*nope\.key.*missing"):
-        HubbleIntegration(_tls_cfg("127.0.0.1:1", pki, hubble_tls_key=missing))
+        HubbleIntegration(tls_config("127.0.0.1:1", pki, hubble_tls_key=missing))
     with pytest.raises(ConfigError, match=r"hubble_tls_ca.*not readable"):
-        HubbleIntegration(_tls_cfg("127.0.0.1:1", pki, hubble_tls_ca=str(tmp_path)))
+        HubbleIntegration(tls_config("127.0.0.1:1", pki, hubble_tls_ca=str(tmp_path)))
     text = f"integrations:\n  ebpf:\n    cilium:\n      enabled: true\n      hubble_tls_ca: {missing}\n"
     with pytest.raises(ConfigError, match="hubble_tls_ca"):
         parse(text, "agent.yaml")

@@ -223,7 +223,8 @@ class IntegrationManager:
 
     @staticmethod
     def _how(unit: Supervised) -> str:
-        return f" (attached via {unit.impl.attach_type})" if isinstance(unit.impl, BpfCollector) else ""
+        impl = unit.impl
+        return f" (attached via {impl.mode.label})" if isinstance(impl, BpfCollector) and impl.mode else ""
 
     def _remove(self, name: str) -> None:
         unit = self.units.pop(name)
@@ -379,8 +380,8 @@ class IntegrationManager:
         attached = MetricFamily(
             "tfo_agent_program_attached",
             Kind.GAUGE,
-            "Attached BPF programs and how.",
-            ("collector", "program", "attach_type"),
+            "Attached BPF programs and how (variant: the object's build, e.g. compat, cast, or empty).",
+            ("collector", "program", "attach_type", "variant"),
         )
         read_errors = MetricFamily(
             "tfo_agent_map_read_errors", Kind.COUNTER, "Failed reads of BPF maps.", ("collector",)
@@ -397,8 +398,9 @@ class IntegrationManager:
                 failure.add((unit.name, unit.error), 1)
             c = unit.impl
             if isinstance(c, BpfCollector):
+                variant = c.mode.variant if c.mode else ""
                 for link in c.links:
-                    attached.add((c.name, link.program, c.attach_type), 1)
+                    attached.add((c.name, link.program, c.attach_type, variant), 1)
                 read_errors.add((c.name,), c.read_errors)
                 map_full.add((c.name,), c.map_full_events())
         sample = MetricFamily("tfo_agent_sample_rate_percent", Kind.GAUGE, "Configured eBPF sample_rate.")

@@ -14,9 +14,7 @@
 enum { FOP_NONE, FOP_READ, FOP_WRITE, FOP_OPEN, FOP_COUNT };
 enum { V_READ_BYTES, V_WRITE_BYTES, V_OPENS };
 
-#define S_IFMT 0170000
 #define S_IFREG 0100000
-#define TS_COMPAT 0x0002 /* x86: the task is in a 32-bit syscall (other numbers) */
 
 /* Latency per operation (index FOP_READ-1 .. FOP_OPEN-1). */
 struct {
@@ -70,16 +68,6 @@ static __always_inline __u32 file_op(long id)
 	}
 }
 
-/* task is the current task as a BTF pointer: its fields are plain loads, no helper calls. */
-static __always_inline bool in_compat_syscall(struct task_struct *task)
-{
-#if defined(__TARGET_ARCH_x86)
-	if (bpf_core_field_exists(task->thread_info.status))
-		return task->thread_info.status & TS_COMPAT;
-#endif
-	return false;
-}
-
 #ifdef TFO_RDONLY_CAST
 /* A pointer cast to a BTF type (or, with id 0, to plain memory), whose contents are then read by
  * plain loads. Only in syscalls.cast.bpf.o, whose tp_btf programs the agent tries first: kernels
@@ -92,20 +80,21 @@ extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
  * and the file with plain loads, the other through helpers. */
 static __always_inline bool fd_is_regular(struct task_struct *task, long fd)
 {
+#ifdef TFO_RDONLY_CAST
 	struct fdtable *fdt = task->files->fdt;
-	struct file *f = NULL;
+	struct file *f;
 
 	if (fd < 0 || fd >= fdt->max_fds)
 		return false;
-#ifdef TFO_RDONLY_CAST
 	f = ((struct file **)bpf_rdonly_cast(fdt->fd, 0))[fd]; /* not a BTF type: plain memory */
 	if (!f)
 		return false;
 	f = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
-	return (f->f_inode->i_mode & S_IFMT) == S_IFREG;
+	return (f->f_inode->i_mode & TFO_S_IFMT) == S_IFREG;
 #else
-	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);
-	return f && (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFREG;
+	struct file *f = tfo_file_of_fd(task, fd);
+
+	return f && (BPF_CORE_READ(f, f_inode, i_mode) & TFO_S_IFMT) == S_IFREG;
 #endif
 }
 
@@ -116,7 +105,7 @@ static __always_inline __u32 file_op_at_enter(struct task_struct *task, long id,
 {
 	__u32 op = file_op(id);
 
-	if (op == FOP_NONE || in_compat_syscall(task))
+	if (op == FOP_NONE || tfo_in_compat_syscall(task))
 		return FOP_NONE;
 	return op == FOP_OPEN || fd_is_regular(task, fd) ? op : FOP_NONE;
 }

@@ -17,7 +17,7 @@ enum { V_FAULTS, V_PAGE_ALLOCS, V_SLAB_ALLOCS, V_OOM_KILLS };
 /* Add one weighted event to the current task's process counter i, if observed and sampled. */
 static __always_inline void count_current(__u32 i)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_struct *task = tfo_current_task();
 	struct tfo_comm_val *v;
 
 	if (!tfo_task_observed(task) || !tfo_sampled())
@@ -126,11 +126,12 @@ int BPF_PROG(raw_kmem_cache_alloc, unsigned long call_site, unsigned long ptr)
 SEC("raw_tp/sched_process_exit")
 int BPF_PROG(raw_process_exit)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct signal_struct *sig = task->signal;
+	struct task_struct *task = tfo_current_task();
+	struct signal_struct *sig = TFO_RD(task, signal);
 	struct tfo_comm_val *v;
 
-	if (!sig || !sig->oom_mm || sig->live.counter) /* not a victim, or not its last thread */
+	/* not a victim, or not its last thread */
+	if (!sig || !TFO_RD(sig, oom_mm) || TFO_RD(sig, live.counter))
 		return 0;
 	if (!tfo_task_observed(task))
 		return 0;

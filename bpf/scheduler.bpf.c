@@ -12,6 +12,7 @@
  * while still runnable: preempted or yielding) to running on a CPU; tfo_task.ts holds the start.
  */
 #define TFO_COMM_VALUES 3 /* CPU ns, voluntary switches, involuntary switches (times TFO_UNIT) */
+#define TFO_TASK_EXIT_EXTRA(tid) bpf_map_delete_elem(&sched_snaps, &tid) /* compat build */
 #include "tfo_comm.bpf.h"
 
 enum { V_RUNTIME_NS, V_VOLUNTARY, V_INVOLUNTARY };
@@ -22,12 +23,7 @@ struct sched_snap {
 	__u64 nivcsw;
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct sched_snap);
-} sched_snaps SEC(".maps");
+TFO_TASK_MAP(sched_snaps, struct sched_snap);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -41,11 +37,11 @@ volatile __u64 sched_epoch = 0;
 
 static __always_inline struct sched_snap *snapshot_of(struct task_struct *p)
 {
-	struct sched_snap *s = bpf_task_storage_get(&sched_snaps, p, 0, 0);
+	struct sched_snap *s = tfo_task_storage(&sched_snaps, p, false);
 
 	if (s)
 		return s;
-	s = bpf_task_storage_get(&sched_snaps, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	s = tfo_task_storage(&sched_snaps, p, true);
 	if (s && p->start_time < sched_epoch) {
 		s->runtime = p->se.sum_exec_runtime;
 		s->nvcsw = p->nvcsw;

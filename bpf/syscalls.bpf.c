@@ -73,8 +73,8 @@ static __always_inline int on_enter(struct task_struct *task, long id, __u32 op)
 
 static __always_inline int on_exit(long ret)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct tfo_task *t = bpf_task_storage_get(&tfo_tasks, task, 0, 0);
+	struct task_struct *task = tfo_current_task();
+	struct tfo_task *t = tfo_task_storage(&tfo_tasks, task, false);
 	struct tfo_hist *h;
 	__u64 start, ns;
 	__u32 nr, op, w;
@@ -110,7 +110,7 @@ static __always_inline bool wants_exit(long id)
 SEC("tp_btf/sys_enter")
 int BPF_PROG(tpbtf_sys_enter, struct pt_regs *regs, long id)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_struct *task = tfo_current_task();
 
 	return on_enter(task, id, wants_fd(id) ? file_op_at_enter(task, id, SYSCALL_ARG0(regs)) : FOP_NONE);
 }
@@ -124,7 +124,7 @@ int BPF_PROG(tpbtf_sys_exit, struct pt_regs *regs, long ret)
 SEC("raw_tp/sys_enter")
 int BPF_PROG(raw_sys_enter, struct pt_regs *regs, long id)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_struct *task = tfo_current_task();
 
 	return on_enter(task, id,
 			wants_fd(id) ? file_op_at_enter(task, id, PT_REGS_PARM1_CORE_SYSCALL(regs)) : FOP_NONE);
@@ -140,7 +140,7 @@ int BPF_PROG(raw_sys_exit, struct pt_regs *regs, long ret)
 SEC("tracepoint/raw_syscalls/sys_enter")
 int tp_sys_enter(struct trace_event_raw_sys_enter *ctx)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_struct *task = tfo_current_task();
 
 	return on_enter(task, ctx->id,
 			wants_fd(ctx->id) ? file_op_at_enter(task, ctx->id, ctx->args[0]) : FOP_NONE);

@@ -37,7 +37,7 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 		return 0;
 	tfo_established_update(oldstate, newstate);
 	if (newstate == TCP_SYN_SENT) {
-		if (tfo_task_observed(bpf_get_current_task_btf()) && tfo_sampled())
+		if (tfo_task_observed(tfo_current_task()) && tfo_sampled())
 			count(ACTIVE_OPEN, tfo_weight());
 	} else if (newstate == TCP_SYN_RECV) {
 		count(PASSIVE_OPEN, TFO_UNIT);

@@ -60,12 +60,66 @@ struct tfo_task {
 	__u32 aux;      /* collector scratch: e.g. the syscall number in flight */
 };
 
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct tfo_task);
-} tfo_tasks SEC(".maps");
+#ifdef TFO_COMPAT
+/* The compat build (NAME.compat.bpf.o), for kernels without what 5.11 and 5.12 brought: task-local
+ * storage and bpf_get_current_task_btf (5.11), and atomics that return a value (5.12). Per-task
+ * state lives in hashes keyed by thread id, preallocated and bounded, and freed when the thread
+ * exits (sched_process_exit, attached in every mode through TFO_FILTER_PROGRAMS); the current task
+ * is a plain pointer whose fields are read with CO-RE probe reads. */
+#define TFO_MAX_TASKS 32768
+#define TFO_TASK_MAP(name, value_type)                  \
+	struct {                                        \
+		__uint(type, BPF_MAP_TYPE_HASH);        \
+		__uint(max_entries, TFO_MAX_TASKS);     \
+		__type(key, __u32);                     \
+		__type(value, value_type);              \
+	} name SEC(".maps")
+#define tfo_current_task() ((struct task_struct *)bpf_get_current_task())
+/* A field reached from the current task: a probe read here (plain pointer), a plain load otherwise. */
+#define TFO_RD(task, ...) BPF_CORE_READ(task, __VA_ARGS__)
+/* Compare-and-swap and exchange without the 5.12 atomics: plain accesses. Two CPUs updating the
+ * same entry at the same instant may lose one update, which the fast build's atomics prevent. */
+#define tfo_cas(p, old, new) ({ __typeof__(*(p)) __v = *(p); if (__v == (old)) *(p) = (new); __v; })
+#define tfo_xchg(p, new) ({ __typeof__(*(p)) __v = *(p); *(p) = (new); __v; })
+
+static __always_inline __u32 tfo_tid_of(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, pid);
+}
+
+/* The entry of task in a per-task hash, created zeroed when `create` (NULL when the map is full). */
+static __always_inline void *tfo_task_map_get(void *map, struct task_struct *task, bool create)
+{
+	static const __u8 zero[64] = {};
+	__u32 tid = tfo_tid_of(task);
+	void *v = bpf_map_lookup_elem(map, &tid);
+
+	if (v || !create)
+		return v;
+	bpf_map_update_elem(map, &tid, &zero, BPF_NOEXIST);
+	v = bpf_map_lookup_elem(map, &tid);
+	if (!v)
+		__sync_fetch_and_add(&tfo_map_full, 1);
+	return v;
+}
+#define tfo_task_storage(map, task, create) tfo_task_map_get(map, task, create)
+#else
+#define TFO_TASK_MAP(name, value_type)                  \
+	struct {                                        \
+		__uint(type, BPF_MAP_TYPE_TASK_STORAGE); \
+		__uint(map_flags, BPF_F_NO_PREALLOC);   \
+		__type(key, int);                       \
+		__type(value, value_type);              \
+	} name SEC(".maps")
+#define tfo_current_task() bpf_get_current_task_btf()
+#define TFO_RD(task, ...) ___arrow(task, __VA_ARGS__)
+#define tfo_cas __sync_val_compare_and_swap
+#define tfo_xchg __sync_lock_test_and_set
+#define tfo_task_storage(map, task, create) \
+	bpf_task_storage_get(map, task, 0, (create) ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0)
+#endif
+
+TFO_TASK_MAP(tfo_tasks, struct tfo_task);
 
 static __always_inline __u64 tfo_gen(void)
 {
@@ -122,7 +176,7 @@ static __noinline __u32 tfo_compute_verdict(struct task_struct *task)
 /* The task's storage if the task passes the filters, else NULL. Creates the storage. */
 static __always_inline struct tfo_task *tfo_task_observed(struct task_struct *task)
 {
-	struct tfo_task *t = bpf_task_storage_get(&tfo_tasks, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	struct tfo_task *t = tfo_task_storage(&tfo_tasks, task, true);
 	__u64 gen;
 
 	if (!t)
@@ -133,6 +187,32 @@ static __always_inline struct tfo_task *tfo_task_observed(struct task_struct *ta
 		t->gen = gen;
 	}
 	return t->verdict ? t : NULL;
+}
+
+#define TFO_S_IFMT 0170000
+#define TFO_TS_COMPAT 0x0002 /* x86: the task is in a 32-bit syscall (other numbers) */
+
+/* Is the current task in a 32-bit syscall, whose numbers differ from the native ones? */
+static __always_inline bool tfo_in_compat_syscall(struct task_struct *task)
+{
+#if defined(__TARGET_ARCH_x86)
+	if (bpf_core_field_exists(task->thread_info.status))
+		return TFO_RD(task, thread_info.status) & TFO_TS_COMPAT;
+#endif
+	return false;
+}
+
+/* The file behind the task's descriptor fd (NULL if none), read through helpers. */
+static __always_inline struct file *tfo_file_of_fd(struct task_struct *task, long fd)
+{
+	struct fdtable *fdt = TFO_RD(task, files, fdt);
+	struct file **fds, *f = NULL;
+
+	if (fd < 0 || fd >= TFO_RD(fdt, max_fds))
+		return NULL;
+	fds = TFO_RD(fdt, fd);
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	return f;
 }
 
 /* Sampling decision for one event: true if it is recorded. */
@@ -203,27 +283,41 @@ static __always_inline void tfo_counter_add(void *map, const void *key, __u64 w)
  * (exec, prctl) recomputes its verdict; any cgroup move makes every task recompute once. */
 static __always_inline void tfo_on_rename(void)
 {
-	struct tfo_task *t = bpf_task_storage_get(&tfo_tasks, bpf_get_current_task_btf(), 0, 0);
+	struct tfo_task *t = tfo_task_storage(&tfo_tasks, tfo_current_task(), false);
 	if (t)
 		t->gen = 0;
 }
 
-#define TFO_FILTER_PROGRAMS                                             \
-	SEC("raw_tp/task_rename")                                       \
-	int raw_task_rename(void *ctx) { tfo_on_rename(); return 0; }   \
-	SEC("tracepoint/task/task_rename")                              \
-	int tp_task_rename(void *ctx) { tfo_on_rename(); return 0; }    \
-	SEC("raw_tp/cgroup_attach_task")                                \
-	int raw_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; } \
-	SEC("tracepoint/cgroup/cgroup_attach_task")                     \
-	int tp_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; } \
-	SEC("tp_btf/task_rename")                                       \
-	int tpbtf_task_rename(void *ctx) { tfo_on_rename(); return 0; } \
-	SEC("tp_btf/cgroup_attach_task")                                \
-	int tpbtf_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; } \
-	SEC("tp_btf/task_rename")                                       \
-	int fentry_task_rename(void *ctx) { tfo_on_rename(); return 0; } \
-	SEC("tp_btf/cgroup_attach_task")                                \
-	int fentry_cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; }
+#ifdef TFO_COMPAT
+/* A thread exits: free its entries in the per-task hashes (the compat build's task storage). An
+ * object with hashes of its own defines TFO_TASK_EXIT_EXTRA(tid) before including this file. */
+#ifndef TFO_TASK_EXIT_EXTRA
+#define TFO_TASK_EXIT_EXTRA(tid)
+#endif
+#define TFO_EXIT_PROGRAM(prefix, sec)                                   \
+	SEC(sec) int prefix##task_exit(void *ctx)                       \
+	{                                                               \
+		__u32 tid = (__u32)bpf_get_current_pid_tgid();          \
+		bpf_map_delete_elem(&tfo_tasks, &tid);                  \
+		TFO_TASK_EXIT_EXTRA(tid);                               \
+		return 0;                                               \
+	}
+#else
+#define TFO_EXIT_PROGRAM(prefix, sec)
+#endif
+
+/* The filter (and, in the compat build, task exit) programs of one mode, named prefix*. */
+#define TFO_FILTER_PROGRAMS_OF(prefix, rename_sec, cgroup_sec, exit_sec)                             \
+	SEC(rename_sec) int prefix##task_rename(void *ctx) { tfo_on_rename(); return 0; }           \
+	SEC(cgroup_sec) int prefix##cgroup_attach(void *ctx) { __sync_fetch_and_add(&tfo_kgen, 1); return 0; } \
+	TFO_EXIT_PROGRAM(prefix, exit_sec)
+
+#define TFO_FILTER_PROGRAMS                                                                          \
+	TFO_FILTER_PROGRAMS_OF(raw_, "raw_tp/task_rename", "raw_tp/cgroup_attach_task",              \
+			       "raw_tp/sched_process_exit")                                          \
+	TFO_FILTER_PROGRAMS_OF(tp_, "tracepoint/task/task_rename", "tracepoint/cgroup/cgroup_attach_task", \
+			       "tracepoint/sched/sched_process_exit")                                \
+	TFO_FILTER_PROGRAMS_OF(tpbtf_, "tp_btf/task_rename", "tp_btf/cgroup_attach_task",            \
+			       "tp_btf/sched_process_exit")
 
 #endif /* TFO_BPF_H */

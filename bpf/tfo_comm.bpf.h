@@ -44,7 +44,7 @@ struct {
 } comm_folded SEC(".maps");
 
 /* The counters of the process (thread group leader's name) ``task`` belongs to; NULL only if even
- * the overflow entry is unavailable. ``task`` must be a BTF pointer (current task, tp_btf argument). */
+ * the overflow entry is unavailable. ``task`` must be a BTF pointer (current task, tp_btf argument) but in the compat build. */
 static __always_inline struct tfo_comm_val *tfo_comm_counters(struct task_struct *task)
 {
 	static const struct tfo_comm_val zero = {};
@@ -52,7 +52,11 @@ static __always_inline struct tfo_comm_val *tfo_comm_counters(struct task_struct
 	struct tfo_comm_val *v;
 	__u32 k = 0;
 
+#ifdef TFO_COMPAT
+	BPF_CORE_READ_INTO(&comm, task, group_leader, comm);
+#else
 	__builtin_memcpy(comm, task->group_leader->comm, sizeof(comm)); /* plain loads: BTF pointer */
+#endif
 	v = bpf_map_lookup_elem(&comm_stats, &comm);
 	if (v)
 		return v;

@@ -207,6 +207,16 @@ def getppid_workload(name: str, n: int) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
+def skip_unless_built(cls: Any, attach_type: str) -> None:
+    """Under $TFO_AGENT_FORCE_VARIANT (the suite's run on the compat build), skip an attach type of
+    collector class ``cls`` that the forced build does not offer."""
+    from agent.collectors import FORCE_VARIANT_ENV, forced_variant
+
+    variant = forced_variant()
+    if variant and not any(m.attach_type == attach_type and m.variant == variant for m in cls.modes):
+        pytest.skip(f"{FORCE_VARIANT_ENV}={variant}: {cls.name} has no {attach_type} mode in that build")
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.1) -> bool:
     """Poll until ``predicate()`` is true; False on timeout."""
     deadline = time.monotonic() + timeout

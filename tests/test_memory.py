@@ -15,7 +15,7 @@ import pytest
 
 from agent.collectors import FORCE_ATTACH_ENV
 from agent.collectors.memory import MemoryCollector
-from tests.conftest import Agent, wait_for
+from tests.conftest import Agent, skip_unless_built, wait_for
 from tests.test_file_io import UNCAPPED, Workload
 
 P = 50_000  # fresh pages touched
@@ -66,11 +66,12 @@ def vmstat(key: str) -> int:
     return 0
 
 
-MODES = [m[0] for m in MemoryCollector.modes]
+MODES = list(dict.fromkeys(m.attach_type for m in MemoryCollector.modes))
 
 
 def forced(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """Pin the memory collector of agents started from now on to one attach mode."""
+    skip_unless_built(MemoryCollector, mode)
     monkeypatch.setenv(FORCE_ATTACH_ENV, f"memory={mode}")
 
 

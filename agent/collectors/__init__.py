@@ -32,27 +32,48 @@ log = logging.getLogger(__name__)
 
 class Mode(NamedTuple):
     """Programs named ``prefix*`` attached as ``attach_type``, from the collector's object or, with
-    ``variant``, from ``NAME.VARIANT.bpf.o``: a build of the same source for newer kernels."""
+    ``variant``, from ``NAME.VARIANT.bpf.o``: a build of the same source for other kernels (``cast``
+    for newer ones, ``compat`` for those without task storage). ``name`` tells apart two modes of
+    one attach type (e.g. ``raw_tp/syscalls``)."""
 
     attach_type: str
     prefix: str
     variant: str = ""
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """How the mode is shown (check, logs, self-metrics) and named in $TFO_AGENT_FORCE_ATTACH."""
+        base = self.name or self.attach_type
+        return f"{base} ({self.variant})" if self.variant else base
+
+    def compat(self) -> Mode:
+        return self._replace(variant=COMPAT)
 
 
+COMPAT = "compat"
 TP_BTF = Mode("tp_btf", "tpbtf_")  # typed pointers: kernel fields are plain loads
 RAW_TP = Mode("raw_tp", "raw_")
+TRACEPOINT = Mode("tracepoint", "tp_")
 # Most preferred first.
-DEFAULT_MODES: tuple[Mode, ...] = (RAW_TP, Mode("tracepoint", "tp_"))
+DEFAULT_MODES: tuple[Mode, ...] = (RAW_TP, TRACEPOINT)
 _BSS = struct.Struct("<IIQ")  # tfo_kgen, padding, tfo_map_full
 _U32 = struct.Struct("<I")
 FORCE_ATTACH_ENV = "TFO_AGENT_FORCE_ATTACH"
+FORCE_VARIANT_ENV = "TFO_AGENT_FORCE_VARIANT"
 
 
 def forced_attach_types() -> dict[str, str]:
-    """``collector=attach_type,...`` from $TFO_AGENT_FORCE_ATTACH: pin a collector to one mode
-    (troubleshooting a kernel, and how the tests exercise every fallback)."""
+    """``collector=mode,...`` from $TFO_AGENT_FORCE_ATTACH: pin a collector to the modes of one attach
+    type or label (troubleshooting a kernel, and how the tests exercise every fallback)."""
     items = (item.split("=", 1) for item in os.environ.get(FORCE_ATTACH_ENV, "").split(",") if "=" in item)
     return {name.strip(): kind.strip() for name, kind in items}
+
+
+def forced_variant() -> str:
+    """$TFO_AGENT_FORCE_VARIANT: load only that build (``compat``: the fallback for kernels before
+    5.11, forced on any kernel to test it there)."""
+    return os.environ.get(FORCE_VARIANT_ENV, "").strip()
 
 
 class CollectorError(RuntimeError):
@@ -65,7 +86,7 @@ class Loaded:
 
     obj: BpfObject
     links: list[Link]
-    attach_type: str
+    mode: Mode
     users: list[str] = field(default_factory=list)
     features: int = 0
 
@@ -110,7 +131,12 @@ class BpfCollector:
 
     @property
     def attach_type(self) -> str:
-        return self._loaded[1].attach_type if self._loaded else ""
+        return self._loaded[1].mode.attach_type if self._loaded else ""
+
+    @property
+    def mode(self) -> Optional[Mode]:
+        """The mode the running object was attached in (None when not started)."""
+        return self._loaded[1].mode if self._loaded else None
 
     @classmethod
     def object_stem(cls) -> str:
@@ -163,14 +189,20 @@ class BpfCollector:
         modes = self.modes
         forced = forced_attach_types().get(self.name)
         if forced:
-            modes = tuple(m for m in self.modes if m.attach_type == forced)
+            modes = tuple(m for m in modes if forced in (m.attach_type, m.label, m.name))
             if not modes:
-                known = ", ".join(dict.fromkeys(m.attach_type for m in self.modes))
+                known = ", ".join(dict.fromkeys(m.label for m in self.modes))
                 self.error = f"{FORCE_ATTACH_ENV} asks for {forced!r}, {self.name} has: {known}"
+                raise CollectorError(self.error)
+        variant = forced_variant()
+        if variant:
+            modes = tuple(m for m in modes if m.variant == variant)
+            if not modes:
+                self.error = f"{FORCE_VARIANT_ENV} asks for {variant!r}, which no mode of {self.name} is built as"
                 raise CollectorError(self.error)
         reasons = []
         for mode in modes:
-            label = f"{mode.attach_type} ({mode.variant})" if mode.variant else mode.attach_type
+            label = mode.label
             try:
                 return self._start_mode(mode, pin)
             except LibbpfError as exc:
@@ -214,7 +246,7 @@ class BpfCollector:
         except BaseException:
             obj.close()
             raise
-        return Loaded(obj, links, mode.attach_type)
+        return Loaded(obj, links, mode)
 
     def _drop_incompatible_pins(self, exc: LibbpfError) -> None:
         log.warning(

@@ -17,7 +17,7 @@ class MemoryCollector(CommCollector):
     name = "memory"
     switch = "collect_memory"
     pinned = COMM_MAPS
-    modes = (TP_BTF, RAW_TP)  # raw_tp: kernels like 6.1 whose tracepoint types differ
+    modes = (TP_BTF, RAW_TP, RAW_TP.compat())  # raw_tp: kernels like 6.1 whose tracepoint types differ
     comm_values = 4
     comm_families = (
         CommFamily("ebpf_page_faults", "Page faults on user-space addresses, by faulting process.", ((0, ()),)),

@@ -21,7 +21,7 @@ class SchedulerCollector(CommCollector):
     name = "scheduler"
     switch = "collect_scheduler"
     pinned = (*COMM_MAPS, "runq_latency")
-    modes = (TP_BTF,)
+    modes = (TP_BTF, TP_BTF.compat())
     comm_values = 3
     comm_families = (
         CommFamily("ebpf_process_runtime_seconds", "CPU time of the process's tasks.", ((0, ()),), per_unit=10**9),

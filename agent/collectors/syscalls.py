@@ -14,7 +14,7 @@ import platform
 import struct
 from collections.abc import Iterable
 
-from agent.collectors import DEFAULT_MODES, TP_BTF, BpfCollector, log2_histogram, sum_percpu_u64
+from agent.collectors import RAW_TP, TP_BTF, TRACEPOINT, BpfCollector, log2_histogram, sum_percpu_u64
 from agent.collectors.syscall_table import SYSCALLS
 from agent.filters import UNIT
 from agent.registry import Kind, MetricFamily
@@ -23,8 +23,17 @@ HIST_SLOTS = 40  # TFO_HIST_SLOTS
 MIN_SLOT, MAX_SLOT = 7, 33  # 128 ns .. ~8.6 s
 NS = 1e-9
 # tp_btf first: typed pointers read the syscall number and arguments without helper calls; the
-# cast build (syscalls.cast.bpf.o, kernel 6.2+) reads files without helper calls too.
-SYSCALL_HOOK_MODES = (TP_BTF._replace(variant="cast"), TP_BTF, *DEFAULT_MODES)
+# cast build (syscalls.cast.bpf.o, kernel 6.2+) reads files without helper calls too; the compat
+# build serves kernels without task storage (before 5.11).
+SYSCALL_HOOK_MODES = (
+    TP_BTF._replace(variant="cast"),
+    TP_BTF,
+    RAW_TP,
+    TRACEPOINT,
+    TP_BTF.compat(),
+    RAW_TP.compat(),
+    TRACEPOINT.compat(),
+)
 
 
 class SyscallsCollector(BpfCollector):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from agent.collectors import DEFAULT_MODES, TP_BTF, sum_percpu_u64
+from agent.collectors import RAW_TP, TP_BTF, TRACEPOINT, sum_percpu_u64
 from agent.collectors.network import TcpStateCollector
 from agent.filters import UNIT
 from agent.registry import Kind, MetricFamily
@@ -23,7 +23,7 @@ class TcpEventsCollector(TcpStateCollector):
     name = "tcp_events"
     switch = "collect_tcp_events"
     pinned = ("tcp_events",)
-    modes = (TP_BTF, *DEFAULT_MODES)
+    modes = (TP_BTF, RAW_TP, TRACEPOINT, TP_BTF.compat(), RAW_TP.compat(), TRACEPOINT.compat())
 
     def read(self) -> Iterable[MetricFamily]:
         assert self.obj is not None

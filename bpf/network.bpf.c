@@ -142,7 +142,7 @@ static __always_inline void credit_segs(__u64 *seen, __u32 now, __u32 dir)
 	__u32 d = now - (__u32)old;
 	struct traffic *tr;
 
-	if ((__s32)d <= 0 || __sync_val_compare_and_swap(seen, old, now) != old)
+	if ((__s32)d <= 0 || tfo_cas(seen, old, now) != old)
 		return;
 	tr = traffic_of(dir, TCP);
 	if (tr)
@@ -183,8 +183,8 @@ static __always_inline void rtt_set(const struct tcp_sock *tp, struct tcp_sk *e,
 	if (e->in_rtt && e->srtt_us == srtt)
 		return; /* the common case: no atomic on the shared sum */
 	if (!e->in_rtt)
-		n = __sync_val_compare_and_swap(&e->in_rtt, 0, 1) == 0;
-	old = __sync_lock_test_and_set(&e->srtt_us, srtt);
+		n = tfo_cas(&e->in_rtt, 0, 1) == 0;
+	old = tfo_xchg(&e->srtt_us, srtt);
 	rtt_add((__s64)srtt - old, n);
 }
 
@@ -195,8 +195,8 @@ static __always_inline void rtt_remove(struct tcp_sk *e)
 
 	if (!e->in_rtt && !e->srtt_us)
 		return;
-	n = __sync_val_compare_and_swap(&e->in_rtt, 1, 0) == 1;
-	old = __sync_lock_test_and_set(&e->srtt_us, 0);
+	n = tfo_cas(&e->in_rtt, 1, 0) == 1;
+	old = tfo_xchg(&e->srtt_us, 0);
 	rtt_add(-(__s64)old, -n);
 }
 
@@ -240,15 +240,16 @@ static __always_inline void tcp_observe(const struct sock *sk, bool direct)
 		rtt_set(tp, e, direct);
 }
 
-/* sock_sendmsg/sock_recvmsg returned ret on sk. */
-static __always_inline int on_msg(const struct sock *sk, int ret, int flags, __u32 dir, bool direct)
+/* msgs messages carrying nbytes of payload were sent or received on sk (flags: the receive's). */
+static __always_inline int on_traffic(const struct sock *sk, __u64 nbytes, __u32 msgs, int flags, __u32 dir,
+				      bool direct)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
+	struct task_struct *task = tfo_current_task();
 	struct traffic *tr;
 	__u16 proto, type;
 	__u32 p;
 
-	if (ret < 0 || !sk || (dir == RECEIVED && (flags & MSG_PEEK)))
+	if (!sk || (dir == RECEIVED && (flags & MSG_PEEK)))
 		return 0;
 	proto = RD_BITFIELD(direct, sk, sk_protocol);
 	type = RD_BITFIELD(direct, sk, sk_type);
@@ -271,12 +272,18 @@ static __always_inline int on_msg(const struct sock *sk, int ret, int flags, __u
 	tr = traffic_of(dir, p);
 	if (!tr)
 		return 0;
-	tr->bytes += (__u64)ret * tfo_weight();
+	tr->bytes += nbytes * tfo_weight();
 	if (p == UDP)
-		tr->packets += tfo_weight();
+		tr->packets += (__u64)msgs * tfo_weight();
 	else
 		tcp_observe(sk, direct);
 	return 0;
+}
+
+/* sock_sendmsg/sock_recvmsg returned ret on sk. */
+static __always_inline int on_msg(const struct sock *sk, int ret, int flags, __u32 dir, bool direct)
+{
+	return ret < 0 ? 0 : on_traffic(sk, ret, 1, flags, dir, direct);
 }
 
 static __always_inline int on_state(const struct sock *sk, int oldstate, int newstate, bool direct)
@@ -289,7 +296,7 @@ static __always_inline int on_state(const struct sock *sk, int oldstate, int new
 
 	if (newstate == TCP_SYN_SENT) {
 		/* connect(): the caller's context, so the filters apply. */
-		if (tfo_task_observed(bpf_get_current_task_btf()) && tfo_sampled()) {
+		if (tfo_task_observed(tfo_current_task()) && tfo_sampled()) {
 			struct tcp_sk init = {.connect_ns = bpf_ktime_get_ns()};
 			e = sk_entry_create(sk, &init, direct);
 			if (e)
@@ -359,10 +366,19 @@ int BPF_PROG(tpbtf_set_state, const struct sock *sk, int oldstate, int newstate)
 	return on_state(sk, oldstate, newstate, true);
 }
 
-SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(tpbtf_retransmit, const struct sock *sk, const struct sk_buff *skb, int err)
+/* tcp_retransmit_skb(sk, skb) gained a third argument, err, in 6.16 (with its own event struct, which
+ * holds it): read only where the running kernel has it, so the program loads on both. */
+static __always_inline int retransmit_err(__u64 *ctx)
 {
-	return on_retransmit(skb, err);
+	if (bpf_core_field_exists(((struct trace_event_raw_tcp_retransmit_skb *)0)->err))
+		return (int)ctx[2];
+	return 0;
+}
+
+SEC("tp_btf/tcp_retransmit_skb")
+int tpbtf_retransmit(__u64 *ctx)
+{
+	return on_retransmit((const struct sk_buff *)ctx[1], retransmit_err(ctx));
 }
 
 SEC("raw_tp/sock_send_length")
@@ -384,37 +400,9 @@ int BPF_PROG(raw_set_state, const struct sock *sk, int oldstate, int newstate)
 }
 
 SEC("raw_tp/tcp_retransmit_skb")
-int BPF_PROG(raw_retransmit, const struct sock *sk, const struct sk_buff *skb, int err)
+int raw_retransmit(__u64 *ctx)
 {
-	return on_retransmit(skb, err);
-}
-
-/* fentry mode, for kernels before 6.3 (no sock_send_length/sock_recv_length tracepoints): the bytes
- * come from fexit on sock_sendmsg/sock_recvmsg, where every socket send/receive passes, the rest
- * from BTF tracepoints. tcp_retransmit_skb had no err argument then (it traced successful
- * retransmissions only). Chosen only when the tracepoint modes fail, as fentry is probed too. */
-SEC("fexit/sock_sendmsg")
-int BPF_PROG(fentry_send, struct socket *sock, struct msghdr *msg, int ret)
-{
-	return on_msg(sock->sk, ret, 0, SENT, true);
-}
-
-SEC("fexit/sock_recvmsg")
-int BPF_PROG(fentry_recv, struct socket *sock, struct msghdr *msg, int flags, int ret)
-{
-	return on_msg(sock->sk, ret, flags, RECEIVED, true);
-}
-
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(fentry_set_state, const struct sock *sk, int oldstate, int newstate)
-{
-	return on_state(sk, oldstate, newstate, true);
-}
-
-SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(fentry_retransmit, const struct sock *sk, const struct sk_buff *skb)
-{
-	return on_retransmit(skb, 0);
+	return on_retransmit((const struct sk_buff *)ctx[1], retransmit_err(ctx));
 }
 
 SEC("tracepoint/sock/sock_send_length")
@@ -435,15 +423,23 @@ int tp_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	return on_state(ctx->skaddr, ctx->oldstate, ctx->newstate, false);
 }
 
-SEC("tracepoint/tcp/tcp_retransmit_skb")
-int tp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
-{
-	int err = 0;
+/* Before 6.16 tcp_retransmit_skb shares the tcp_event_sk_skb class's event struct. */
+struct trace_event_raw_tcp_event_sk_skb___tfo {
+	const void *skbaddr;
+} __attribute__((preserve_access_index));
 
-	/* Kernels before the err field traced successful retransmissions only. */
-	if (bpf_core_field_exists(ctx->err))
-		err = BPF_CORE_READ(ctx, err);
-	return on_retransmit(ctx->skbaddr, err);
+SEC("tracepoint/tcp/tcp_retransmit_skb")
+int tp_retransmit(void *ctx)
+{
+	struct trace_event_raw_tcp_retransmit_skb *own = ctx;
+	struct trace_event_raw_tcp_event_sk_skb___tfo *shared = ctx;
+
+	if (bpf_core_type_exists(struct trace_event_raw_tcp_retransmit_skb))
+		return on_retransmit(BPF_CORE_READ(own, skbaddr),
+				     bpf_core_field_exists(own->err) ? BPF_CORE_READ(own, err) : 0);
+	return on_retransmit(BPF_CORE_READ(shared, skbaddr), 0);
 }
+
+#include "network_syscalls.bpf.h"
 
 TFO_FILTER_PROGRAMS

@@ -11,7 +11,7 @@ import os
 import struct
 from collections.abc import Iterable
 
-from agent.collectors import DEFAULT_MODES, TP_BTF, BpfCollector, Mode, log2_histogram, sum_percpu_u64
+from agent.collectors import RAW_TP, TP_BTF, TRACEPOINT, BpfCollector, Mode, log2_histogram, sum_percpu_u64
 from agent.filters import UNIT
 from agent.registry import Kind, MetricFamily
 
@@ -52,6 +52,9 @@ def established_sockets(proc: str = "/proc") -> int:
     return total
 
 
+SYSCALLS = Mode("raw_tp", "sys_", name="raw_tp/syscalls")
+
+
 class TcpStateCollector(BpfCollector):
     """A collector whose object maintains ``tcp_established`` (delta since load).
 
@@ -87,9 +90,10 @@ class NetworkCollector(TcpStateCollector):
     name = "network"
     switch = "collect_network"
     pinned = ("traffic", "connect_latency", "retransmits")
-    # tp_btf reads socket fields without helpers; fentry (fexit on sock_sendmsg/sock_recvmsg) serves
-    # kernels before 6.3, which lack the sock_*_length tracepoints.
-    modes = (TP_BTF, *DEFAULT_MODES, Mode("fentry", "fentry_"))
+    # tp_btf reads socket fields without helpers. Kernels before 6.3 lack the sock_*_length
+    # tracepoints: there the bytes come from the socket syscalls' returns (raw_tp/syscalls), and
+    # before 5.11 from the compat build of that mode.
+    modes = (TP_BTF, RAW_TP, TRACEPOINT, SYSCALLS, SYSCALLS.compat())
 
     def read(self) -> Iterable[MetricFamily]:
         assert self.obj is not None

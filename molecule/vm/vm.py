@@ -2,13 +2,16 @@
 """Start, wait for and stop the qemu VMs of the molecule scenario.
 
 Each VM is a qcow2 overlay on the cached base image built by ``build-image.sh``, booted with
-Debian's kernel via ``-kernel``/``-initrd`` (no bootloader), KVM when ``/dev/kvm`` is usable and
-TCG otherwise. Networking is qemu's user-mode network with ``restrict=on``: the guest reaches
+one of the image's Debian kernels via ``-kernel``/``-initrd`` (no bootloader): ``--kernel SERIES``
+picks one of ``kernels.json`` (6.1, Debian 12's own, by default; 5.10 of Debian 11, 6.12 of
+Debian 13), and the VM's ``uname -r`` must be that kernel's release. KVM when ``/dev/kvm`` is
+usable and TCG otherwise. Networking is qemu's user-mode network with ``restrict=on``: the guest reaches
 nothing but its port forwards, which are bound to 127.0.0.1 only (SSH and the agent's metrics
 port). Every wait is bounded.
 
     vm.py build [--package DEB]                                                     -> image dir
-    vm.py up    --state-dir DIR --name NAME [--memory MiB] [--timeout S] [--package DEB] -> JSON
+    vm.py up    --state-dir DIR --name NAME [--kernel SERIES] [--memory MiB] [--timeout S]
+                [--package DEB]                                                     -> JSON
     vm.py down  --state-dir DIR --name NAME [--timeout S]
 """
 
@@ -68,6 +71,28 @@ def build_image(package: Path | None = None) -> Path:
     cmd = [str(HERE / "build-image.sh"), *package_depends(package)]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, timeout=1800)
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def image_kernels(image: Path) -> dict[str, dict[str, str]]:
+    """The image's bootable kernels by series ("6.1", "5.10", "6.12"), from its kernels.json."""
+    kernels: dict[str, dict[str, str]] = json.loads((image / "kernels.json").read_text())
+    return kernels
+
+
+def pick_kernel(image: Path, series: str | None) -> tuple[str, dict[str, str]]:
+    """(series, entry) of the kernel to boot: ``series``, else the image's first (its own suite's)."""
+    kernels = image_kernels(image)
+    if series is None:
+        series = next(iter(kernels))
+    if series not in kernels:
+        raise SystemExit(f"no {series} kernel in {image}/kernels.json (it has {', '.join(kernels)})")
+    return series, kernels[series]
+
+
+def guest_release(key: Path, port: int) -> str:
+    cmd = ["ssh", *SSH_OPTS, "-i", str(key), "-p", str(port), "tfo@127.0.0.1", "uname -r"]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=60, check=True)
+    return out.stdout.strip()
 
 
 def free_port() -> int:
@@ -132,8 +157,11 @@ def ssh_ready(key: Path, port: int) -> bool:
         return False
 
 
-def up(state_dir: Path, name: str, memory: int, timeout: float, package: Path | None) -> dict[str, object]:
+def up(
+    state_dir: Path, name: str, memory: int, timeout: float, package: Path | None, kernel: str | None = None
+) -> dict[str, object]:
     image = build_image(package)
+    series, boot_kernel = pick_kernel(image, kernel)
     vmdir = state_dir / name
     vmdir.mkdir(parents=True, exist_ok=True)
     pidfile = vmdir / "qemu.pid"
@@ -178,9 +206,9 @@ def up(state_dir: Path, name: str, memory: int, timeout: float, package: Path | 
         "-vga",
         "none",
         "-kernel",
-        str(image / "vmlinuz"),
+        str(image / boot_kernel["vmlinuz"]),
         "-initrd",
-        str(image / "initrd.img"),
+        str(image / boot_kernel["initrd"]),
         "-append",
         f"root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.hostname={name} quiet",
         "-drive",
@@ -214,6 +242,10 @@ def up(state_dir: Path, name: str, memory: int, timeout: float, package: Path | 
         down(state_dir, name, 30)
         raise SystemExit(f"{name}: no SSH within {timeout:.0f}s; see {vmdir / 'console.log'}")
     boot = round(time.monotonic() - t0, 1)
+    release = guest_release(key, ssh_port)
+    if release != boot_kernel["release"]:
+        down(state_dir, name, 30)
+        raise SystemExit(f"{name}: booted {release!r}, not the {series} kernel {boot_kernel['release']!r}")
     info = {
         "instance": name,
         "address": "127.0.0.1",
@@ -224,9 +256,15 @@ def up(state_dir: Path, name: str, memory: int, timeout: float, package: Path | 
         "accel": accel_name,
         "boot_seconds": boot,
         "image": str(image),
+        "kernel_series": series,
+        "kernel": release,
+        "memory_mib": memory,
     }
     (vmdir / "instance.json").write_text(json.dumps(info, indent=2))
-    log(f"{name}: up in {boot}s ({info['accel']}), ssh 127.0.0.1:{ssh_port}, metrics 127.0.0.1:{metrics_port}")
+    log(
+        f"{name}: up in {boot}s ({info['accel']}, kernel {release}), ssh 127.0.0.1:{ssh_port},"
+        f" metrics 127.0.0.1:{metrics_port}"
+    )
     return info
 
 
@@ -251,6 +289,7 @@ def main() -> int:
     ap.add_argument("--state-dir", type=Path, default=Path("/tmp/tfo-molecule"))
     ap.add_argument("--name", default="")
     ap.add_argument("--memory", type=int, default=1024)
+    ap.add_argument("--kernel", default=None, help="kernel series to boot (kernels.json: 6.1, 5.10, 6.12)")
     ap.add_argument("--timeout", type=float, default=180.0)
     ap.add_argument("--package", type=Path, default=None, help="the .deb under test (its Depends go in the image)")
     args = ap.parse_args()
@@ -260,7 +299,7 @@ def main() -> int:
     if not args.name:
         ap.error("--name is required")
     if args.action == "up":
-        print(json.dumps(up(args.state_dir, args.name, args.memory, args.timeout, args.package)))
+        print(json.dumps(up(args.state_dir, args.name, args.memory, args.timeout, args.package, args.kernel or None)))
     else:
         down(args.state_dir, args.name, args.timeout)
     return 0

@@ -112,31 +112,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from agent.collectors import CollectorError
     from agent.collectors.catalog import COLLECTORS
-    from agent.filters import Filters
+    from agent.collectors.selftest import SelfTestFailed, self_test
     from agent.manager import unavailable_features
 
     cfg = _load(args.config)
     ebpf = cfg.ebpf
     checks = host.requirements(ebpf.btf_custom_path, ebpf.pin_path) if ebpf.enabled else []
-    filters = Filters.from_config(ebpf)
     for cls in COLLECTORS:
         if not (ebpf.enabled and getattr(ebpf, cls.switch)):
             continue
-        collector = cls(ebpf, filters)
         try:
-            collector.start(pin=False)
-            checks.append(host.Check(f"collector {collector.name}", "ok", f"attaches via {collector.attach_type}"))
+            mode = self_test(cls, ebpf)
+            checks.append(host.Check(f"collector {cls.name}", "ok", f"attaches via {mode} and counts a test workload"))
+        except SelfTestFailed as exc:
+            checks.append(
+                host.Check(f"collector {cls.name}", "fail", str(exc), "Mode counts wrong on this kernel: report a bug")
+            )
         except CollectorError as exc:
             checks.append(
                 host.Check(
-                    f"collector {collector.name}",
-                    "fail",
-                    str(exc),
-                    "Program load failed: check kernel version compatibility",
+                    f"collector {cls.name}", "fail", str(exc), "Program load failed: check kernel version compatibility"
                 )
             )
-        finally:
-            collector.stop()
     cilium = ebpf.cilium
     if cilium.enabled and "cilium" not in unavailable_features(cfg):
         from agent.hubble.status import hubble_checks

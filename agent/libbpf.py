@@ -103,7 +103,7 @@ class _Lib:
         fn.argtypes = list(argtypes)
 
     def _print(self, level: int, fmt: bytes, args: int) -> int:
-        buf = ctypes.create_string_buffer(1024)
+        buf = ctypes.create_string_buffer(65536)  # whole messages: a verifier's reason can be long
         self.libc.vsnprintf(buf, len(buf), fmt, args)
         text = buf.value.decode(errors="replace").rstrip()
         if level <= 1:  # LIBBPF_WARN, LIBBPF_INFO

@@ -106,6 +106,17 @@ def test_every_seed_key_is_a_role_variable_with_the_seed_default() -> None:
     assert d["tfo_agent_prometheus_listen_address"] == "0.0.0.0:9435"
 
 
+def test_preflight_minimum_kernel_is_the_agents() -> None:
+    """The role refuses exactly the kernels `tfo-agent check` refuses (its `kernel >=` line)."""
+    from agent.host import MIN_KERNEL
+
+    want = ".".join(str(part) for part in MIN_KERNEL)
+    assert defaults()["tfo_agent_min_kernel_version"] == want, (
+        f"role default tfo_agent_min_kernel_version is {defaults()['tfo_agent_min_kernel_version']!r},"
+        f" agent/host.py MIN_KERNEL is {want!r}"
+    )
+
+
 def test_argument_specs_cover_and_type_every_default() -> None:
     spec = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())
     options = spec["argument_specs"]["main"]["options"]

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 APT_PACKAGES := $(shell grep -v '^\#' apt-packages.txt)
 
-.PHONY: setup apt venv bpf protos run test pytest lint bench package molecule clean
+.PHONY: setup apt venv bpf protos run test pytest pytest-fallbacks lint bench package molecule clean
 
 setup: apt venv bpf protos
 
@@ -40,12 +40,21 @@ run: setup
 	trap 'kill $$demo 2>/dev/null' EXIT; \
 	$(VENV)/bin/tfo-agent run -c config/dev.yaml
 
-# The whole suite: lint, pytest (real BPF, packages, gRPC…), then the role on real VMs.
-test: pytest molecule
+# The whole suite: lint, pytest (real BPF, packages, gRPC…), the eBPF accuracy tests again on the
+# fallbacks older kernels use, then the role on real VMs.
+test: pytest pytest-fallbacks molecule
 
 pytest: setup
 	$(VENV)/bin/ruff check agent tests bench packaging molecule
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The accuracy tests forced onto the compat build (kernels before 5.11) and onto the network
+# collector's syscall mode (kernels before 6.3), so each fallback is proven on this kernel too.
+BPF_TESTS := tests/test_syscalls.py tests/test_file_io.py tests/test_network.py tests/test_tcp_events.py \
+	tests/test_scheduler.py tests/test_memory.py tests/test_comm_cap.py tests/test_selftest.py
+pytest-fallbacks: setup
+	TFO_AGENT_FORCE_VARIANT=compat $(PY) -m pytest -q $(BPF_TESTS)
+	TFO_AGENT_FORCE_ATTACH=network=raw_tp/syscalls $(PY) -m pytest -q tests/test_network.py tests/test_selftest.py
 
 lint: venv
 	$(VENV)/bin/ruff check agent tests bench packaging molecule

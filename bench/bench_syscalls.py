@@ -1,7 +1,10 @@
 """Syscall overhead: 5,000,000 getppid untraced, under the agent, and under libbpf-tools ``syscount -L``.
 
-The three are interleaved round by round (one tracer at a time); the workload's own CPU time
-(user+sys from wait4) is compared, median of the rounds. Then the agent idles at the default
+The agent runs the syscall collector alone in its fast build and in the compat build (kernels
+before 5.11, forced with TFO_AGENT_FORCE_VARIANT), and the default collectors with the network
+collector in tp_btf and in its raw_tp/syscalls mode (kernels before 6.3). All arms are interleaved
+round by round (one tracer at a time); the workload's own CPU time (user+sys from wait4) is
+compared, median of the rounds. Then the agent idles at the default
 scrape interval while Prometheus-style scrapes hit it, and its RSS and CPU use are read from /proc.
 
 Run: .venv/bin/python -m bench.bench_syscalls [--rounds 5] [--calls 5000000] [--idle 60]
@@ -31,6 +34,14 @@ int main(int argc, char **argv) {
 }
 """
 SYSCALLS_ONLY = {"collect_syscalls": True}
+DEFAULTS = {"collect_network": True, "collect_file_io": True, "collect_tcp_events": True}
+# arm -> (collectors, environment of the agent)
+AGENT_ARMS: dict[str, tuple[dict[str, bool], dict[str, str]]] = {
+    "agent": (SYSCALLS_ONLY, {}),
+    "agent compat": (SYSCALLS_ONLY, {"TFO_AGENT_FORCE_VARIANT": "compat"}),
+    "defaults": (DEFAULTS, {}),
+    "defaults net-sys": (DEFAULTS, {"TFO_AGENT_FORCE_ATTACH": "network=raw_tp/syscalls"}),
+}
 
 
 def cpu_seconds_of(cmd: list[str]) -> float:
@@ -72,11 +83,18 @@ def main() -> int:
     subprocess.run(["gcc", "-O2", "-o", str(exe), str(work / "getppid.c")], check=True)
     cmd = [str(exe), str(args.calls)]
 
-    times: dict[str, list[float]] = {"untraced": [], "agent": [], "syscount -L": []}
+    times: dict[str, list[float]] = {"untraced": [], **{arm: [] for arm in AGENT_ARMS}, "syscount -L": []}
     for r in range(args.rounds):
         times["untraced"].append(cpu_seconds_of(cmd))
-        with running_agent(SYSCALLS_ONLY, work):
-            times["agent"].append(cpu_seconds_of(cmd))
+        for arm, (collectors, env) in AGENT_ARMS.items():
+            saved = dict(os.environ)
+            os.environ.update(env)
+            try:
+                with running_agent(collectors, work):
+                    times[arm].append(cpu_seconds_of(cmd))
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
         sc = start_syscount()
         try:
             times["syscount -L"].append(cpu_seconds_of(cmd))
@@ -87,16 +105,17 @@ def main() -> int:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     per_call = {k: v / args.calls * 1e9 for k, v in med.items()}
-    added = {k: per_call[k] - per_call["untraced"] for k in ("agent", "syscount -L")}
+    added = {k: per_call[k] - per_call["untraced"] for k in times if k != "untraced"}
     print(f"\nmedian CPU time of {args.calls:,} getppid over {args.rounds} interleaved rounds:")
     for k in times:
-        print(f"  {k:12} {med[k]:.3f} s  = {per_call[k]:.0f} ns/call")
-    print(f"  added by the agent:       {added['agent']:.0f} ns/syscall")
-    print(f"  added by syscount -L:     {added['syscount -L']:.0f} ns/syscall")
-    print(f"  ratio agent/syscount:     {added['agent'] / added['syscount -L']:.2f}")
+        print(f"  {k:18} {med[k]:.3f} s  = {per_call[k]:.0f} ns/call")
+    for k, ns in added.items():
+        print(f"  added by {k + ':':22} {ns:.0f} ns/syscall")
+    print(f"  ratio agent/syscount:          {added['agent'] / added['syscount -L']:.2f}")
+    print(f"  ratio compat/fast build:       {added['agent compat'] / added['agent']:.2f}")
+    print(f"  ratio net-sys/tp_btf defaults: {added['defaults net-sys'] / added['defaults']:.2f}")
 
-    defaults = {"collect_network": True, "collect_file_io": True, "collect_tcp_events": True}
-    with running_agent(defaults, work) as agent:  # the seed's default collectors
+    with running_agent(DEFAULTS, work) as agent:  # the seed's default collectors
         assert agent is not None and agent.proc is not None
         time.sleep(5)
         cpu0, _ = proc_stat(agent.proc.pid)

@@ -53,13 +53,20 @@ class HistogramSample:
 
 @dataclass
 class MetricFamily:
-    """A named metric with its series. Counter names carry no ``_total``: exporters add it."""
+    """A named metric with its series. Counter names carry no ``_total``: exporters add it.
+
+    ``static``: the source hands out this same object, unchanged, until its values change (Hubble's
+    families, once per aggregation window), so an exporter may keep what it derives from it (the
+    rendered text) while it gets the same object. Families read live at every collect (eBPF maps)
+    are not static.
+    """
 
     name: str
     kind: Kind
     help: str
     label_names: tuple[str, ...] = ()
     samples: list[Union[Sample, HistogramSample]] = field(default_factory=list)
+    static: bool = False
 
     def add(self, labels: Sequence[str], value: float) -> None:
         self.samples.append(Sample(tuple(labels), float(value)))

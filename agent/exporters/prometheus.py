@@ -1,4 +1,4 @@
-"""Prometheus exposition of the registry: a prometheus_client custom collector behind an HTTP server."""
+"""Prometheus exposition of the registry behind an HTTP server; the text comes from exposition.py."""
 
 from __future__ import annotations
 
@@ -11,60 +11,16 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.utils import floatToGoString
 
 from agent.config import ListenerTlsConfig, PrometheusConfig, listen_pair
-from agent.registry import HistogramSample, Kind, MetricFamily, Registry
+from agent.exporters.exposition import Exposition
+from agent.registry import Kind, MetricFamily, Registry
 
 log = logging.getLogger(__name__)
-
-
-def to_prometheus(fam: MetricFamily) -> Metric:
-    """One registry family as a prometheus_client family (counters get ``_total``)."""
-    labels = list(fam.label_names)
-    if fam.kind is Kind.HISTOGRAM:
-        hist = HistogramMetricFamily(fam.name, fam.help, labels=labels)
-        for s in fam.samples:
-            assert isinstance(s, HistogramSample)
-            cumulative, buckets = 0.0, []
-            for bound, n in zip(s.bounds, s.counts):
-                cumulative += n
-                buckets.append((floatToGoString(bound), cumulative))
-            buckets.append(("+Inf", s.count))
-            hist.add_metric(list(s.labels), buckets, s.sum)
-        return hist
-    cls = CounterMetricFamily if fam.kind is Kind.COUNTER else GaugeMetricFamily
-    out = cls(fam.name, fam.help, labels=labels)
-    for s in fam.samples:
-        out.add_metric(list(s.labels), s.value)  # type: ignore[union-attr]
-    return out
-
-
-class RegistryBridge:
-    """prometheus_client collector that reads the registry at scrape time."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self.last_duration = 0.0
-
-    def collect(self) -> Iterator[Metric]:
-        start = time.monotonic()
-        families = self.registry.collect()
-        for fam in families:
-            yield to_prometheus(fam)
-        scrape = GaugeMetricFamily(
-            "tfo_agent_scrape_duration_seconds", "Time the previous scrape took to read every source."
-        )
-        scrape.add_metric([], self.last_duration)
-        yield scrape
-        self.last_duration = time.monotonic() - start
 
 
 Readiness = Callable[[], "tuple[bool, dict[str, str]]"]
@@ -109,8 +65,9 @@ class PrometheusExporter:
     def __init__(self, cfg: PrometheusConfig, registry: Registry, readiness: Readiness) -> None:
         self.cfg = cfg
         self.readiness = readiness
-        self.prom = CollectorRegistry(auto_describe=False)
-        self.prom.register(RegistryBridge(registry))  # type: ignore[arg-type]
+        self.registry = registry
+        self.exposition = Exposition()
+        self.last_duration = 0.0
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
         auth = cfg.basic_auth
@@ -119,7 +76,15 @@ class PrometheusExporter:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.prom)
+        """The /metrics body: every source read now (Hubble's families as of their last window)."""
+        start = time.monotonic()
+        scrape = MetricFamily(
+            "tfo_agent_scrape_duration_seconds", Kind.GAUGE, "Time the previous scrape took to read every source."
+        )
+        scrape.add((), self.last_duration)
+        body = self.exposition.text([*self.registry.collect(), scrape])
+        self.last_duration = time.monotonic() - start
+        return body
 
     def authorized(self, header: Optional[str]) -> bool:
         """True when no basic auth is configured or ``header`` carries the configured credentials."""

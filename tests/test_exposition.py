@@ -10,9 +10,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from agent.exporters.exposition import Exposition
-from agent.hubble.aggregator import Aggregator, Groups, namespace_rule
+from agent.hubble.aggregator import Aggregator
 from agent.hubble.client import FIELD_MASK
 from agent.hubble.demo import demo_flows
+from agent.hubble.families import Groups, namespace_rule
 from agent.hubble.replay import ObserverService, to_records
 from agent.registry import HistogramSample, Kind, MetricFamily, Sample
 

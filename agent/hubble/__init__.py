@@ -1,8 +1,9 @@
 """Cilium Hubble integration: flows from Hubble Relay (or a node's hubble.sock) into hubble_* metrics.
 
-``HubbleIntegration`` is a registry source: ``start()`` launches the reader (gRPC stream) and the
-aggregator thread, ``collect()`` returns the hubble_* families as of the last closed
-``aggregation_window`` plus live ``tfo_agent_hubble_*`` self-metrics. See README.md here.
+``HubbleIntegration`` is a registry source: ``start()`` launches the reader (it reads the gRPC stream
+and aggregates the flows) and the window thread (it closes each ``aggregation_window``),
+``collect()`` returns the hubble_* families as of the last closed window plus live
+``tfo_agent_hubble_*`` self-metrics. See README.md here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from typing import Any, Optional
 
 # gRPC's EventEngine client (the default of recent grpcio) reads sockets in its own poller threads,
@@ -29,15 +29,15 @@ if "grpc" not in sys.modules and "GRPC_EXPERIMENTS" not in os.environ:
 import grpc
 
 from agent.config import CiliumConfig, ConfigError
-from agent.hubble.aggregator import Aggregator, Groups, namespace_rule
-from agent.hubble.client import RECONNECT, FlowStream
+from agent.hubble.aggregator import Aggregator
+from agent.hubble.client import WINDOW_BYTES_PER_FLOW, FlowStream
+from agent.hubble.families import Groups, namespace_rule
 from agent.registry import Kind, MetricFamily
 
 log = logging.getLogger(__name__)
 
 KEY = "integrations.ebpf.cilium"
 ENDPOINT_ACTIVE_SECONDS = 300.0  # an endpoint seen in a flow this recently counts in hubble_endpoint_*
-AGGREGATOR_POLL = 0.05  # idle aggregator wakes this often (the buffer holds far more than 50 ms of flows)
 
 
 def resolve_node_name(cfg: CiliumConfig) -> tuple[str, str]:
@@ -81,8 +81,10 @@ class HubbleIntegration:
 
     name = "hubble"
 
-    def __init__(self, cfg: CiliumConfig) -> None:
+    def __init__(self, cfg: CiliumConfig, endpoints: Optional[Any] = None) -> None:
+        """``endpoints``: the node's endpoint gauges from the container runtime (agent.cri.endpoints)."""
         self.cfg = cfg
+        self.endpoints = endpoints
         self.node_name, self.node_source = resolve_node_name(cfg)
         self.unix = cfg.hubble_address.startswith("unix://")
         credentials, options = channel_security(cfg)
@@ -101,30 +103,30 @@ class HubbleIntegration:
             max_series=cfg.max_series_per_metric,
         )
         self.aggregator.endpoint_windows = max(1, math.ceil(ENDPOINT_ACTIVE_SECONDS / cfg.aggregation_window))
-        self.queue: deque = deque()
         node_filter = self.node_name if cfg.flow_scope == "node" and not self.unix else None
         self.stream = FlowStream(
             cfg.hubble_address,
             credentials,
             options,
             node_filter,
-            self.queue,
-            cfg.flow_buffer_size,
+            self.aggregator,
+            min(cfg.flow_buffer_size * WINDOW_BYTES_PER_FLOW, 2**31 - 1),
             cfg.flow_sample_rate,
             cfg.max_flows_per_second,
-            lambda: self.aggregator.high_water_ns,
         )
+        self.queue = self.stream.pending  # flows read and not yet aggregated
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        """Start the reader and aggregator threads; returns at once."""
+        """Start the reader and window threads; returns at once."""
         if self.cfg.kubernetes_enabled:
             log.info(
-                "hubble: kubernetes_enabled: Kubernetes API enrichment is not available yet; labels come from flows"
+                "hubble: kubernetes_enabled: labels come from flows; endpoint gauges from %s",
+                "the container runtime's pods" if self.endpoints else "flows (cluster scope)",
             )
         self._stop.clear()
-        self._thread = threading.Thread(target=self._aggregate, name="hubble-aggregator", daemon=True)
+        self._thread = threading.Thread(target=self._windows, name="hubble-aggregator", daemon=True)
         self._thread.start()
         self.stream.start()
 
@@ -135,32 +137,19 @@ class HubbleIntegration:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def _aggregate(self) -> None:
+    def _windows(self) -> None:
+        """Close a window every ``aggregation_window`` (with the flows the reader has not handed over
+        yet), and a last one on stop."""
         window = self.cfg.aggregation_window
         deadline = time.monotonic() + window
-        q, agg = self.queue, self.aggregator
-        pop, add = q.popleft, agg.add
+        agg, pending = self.aggregator, self.stream.pending
         while True:
-            stopping = self._stop.is_set()
-            drained = 0
-            while drained < 4096:
-                try:
-                    item = pop()
-                except IndexError:
-                    break
-                drained += 1
-                if item is RECONNECT:
-                    agg.begin_resume()
-                else:
-                    add(item)
-            now = time.monotonic()
-            if now >= deadline or stopping:
-                agg.publish()
-                deadline = max(deadline + window, now)
+            stopping = self._stop.wait(max(0.0, deadline - time.monotonic()))
+            agg.add_burst(pending)
+            agg.publish()
             if stopping:
                 return
-            if not drained:
-                self._stop.wait(min(AGGREGATOR_POLL, max(0.0, deadline - now)))
+            deadline = max(deadline + window, time.monotonic())
 
     def status(self) -> tuple[bool, str]:
         """(ready, reason): ready once connected to the relay."""
@@ -173,7 +162,11 @@ class HubbleIntegration:
 
     def collect(self) -> list[MetricFamily]:
         """hubble_* families (last closed window) and tfo_agent_hubble_* self-metrics (live)."""
-        return self.aggregator.families() + self._self_metrics()
+        families = self.aggregator.families()
+        if self.endpoints is not None:  # node scope: the runtime's pods replace the flows' guess
+            node = self.endpoints.families()
+            families = [node.get(f.name, f) for f in families]
+        return families + self._self_metrics()
 
     def _self_metrics(self) -> list[MetricFamily]:
         st, agg = self.stream.stats, self.aggregator.stats
@@ -194,8 +187,8 @@ class HubbleIntegration:
         one("messages_received", c, "GetFlows messages received from the relay", st.received)
         one("flows_sampled_out", c, "Flows skipped by flow_sample_rate", st.sampled_out)
         one("flows_rate_limited", c, "Flows dropped by the max_flows_per_second token bucket", st.rate_limited)
-        one("buffer_overflow", c, "Flows dropped because flow_buffer_size was full", st.buffer_overflow)
-        one("buffer_used", g, "Messages waiting between reader and aggregator", len(self.queue))
+        one("buffer_overflow", c, "Flows dropped for lack of room (none: a relay the agent lags waits)", 0)
+        one("buffer_used", g, "Flows read from the stream and not aggregated yet", len(self.queue))
         one("reconnects", c, "Reconnections to the relay", st.reconnects)
         one(
             "flows_processed",

@@ -1,9 +1,11 @@
-"""The Hubble Relay client: one GetFlows stream, reconnects, sampling, rate limit, bounded buffer.
+"""The Hubble Relay client: one GetFlows stream, reconnects, sampling, rate limit, burst reading.
 
-The reader thread does as little as possible per message: it keeps the raw bytes (no decode),
-applies ``flow_sample_rate`` and the ``max_flows_per_second`` token bucket to flow messages and
-appends them to a bounded deque; the aggregator thread drains it. Nothing here blocks the stream:
-sampled-out, rate-limited and overflowing flows are counted and dropped.
+One thread reads the stream and aggregates what it reads: flow messages pass ``flow_sample_rate``
+and the ``max_flows_per_second`` token bucket on their raw bytes (no decode), go to ``pending``,
+and are handed to the sink (the aggregator) a burst at a time: when BATCH have gathered, and
+whenever the stream had to be waited for. No second thread takes flows over, so no flow waits
+for the GIL between threads. Nothing is dropped for lack of room: when the agent falls behind,
+HTTP/2 flow control holds the relay back (the window is ``window_bytes``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import grpc
 import grpc.experimental
@@ -26,7 +28,6 @@ from agent.hubble.proto import GET_FLOWS, SERVER_STATUS, flow_pb2, observer_pb2
 
 log = logging.getLogger(__name__)
 
-RECONNECT = object()  # queued between streams: the aggregator starts its duplicate check there
 # Flow fields the metrics read; sent as GetFlowsRequest.field_mask so the relay trims the rest.
 FIELD_MASK = (
     "time",
@@ -64,18 +65,22 @@ FIELD_MASK = (
     "policy_match_type",
 )
 # A trickling stream costs a wake-up per message; after a wait the reader naps so that messages
-# queue up in the socket and are read in a burst (adds at most NAP of latency, nothing is lost;
-# 20 ms of flows at 10k/s, ~50 KB, fit the default HTTP/2 window, so the relay is not held back).
-# Naps stop (but for one a second) when they gather no burst of MIN_BURST messages, so a slow host,
-# where every read takes longer than IDLE_WAIT, is not slowed further.
+# queue up and are read in a burst (adds at most NAP of latency, nothing is lost). Naps stop (but
+# for one a second) when they gather no burst of MIN_BURST messages, so a slow host, where every
+# read takes longer than IDLE_WAIT, is not slowed further. What piles up during a nap must fit the
+# stream's HTTP/2 window, else the relay waits for the nap to end: WINDOW_BYTES_PER_FLOW bytes per
+# flow_buffer_size message (4096 -> 1 MiB, 50 ms of flows at 100k/s) keep naps from capping the rate.
 IDLE_WAIT = 0.0002
 NAP = 0.02
 MIN_BURST = 8
+BATCH = 256  # flows handed to the aggregator at once (fewer when the stream pauses first)
+WINDOW_BYTES_PER_FLOW = 256
 _FLOW_TAG = b"\n"  # field 1 (flow), length-delimited: how a flow GetFlowsResponse starts on the wire
 
 
-def read_in_bursts(messages: Iterable[bytes]) -> Iterator[bytes]:
-    """Yield ``messages``; after having to wait for one, nap (NAP) so that the next ones pile up."""
+def read_in_bursts(messages: Iterable[bytes], waited: Callable[[], None] = lambda: None) -> Iterator[bytes]:
+    """Yield ``messages``; after having to wait for one, call ``waited`` and nap (NAP) so that the
+    next ones pile up."""
     clock, nap = time.monotonic, time.sleep
     ready = last_nap = clock()
     quick = 0  # messages that were already there when asked for, since the last nap
@@ -83,12 +88,24 @@ def read_in_bursts(messages: Iterable[bytes]) -> Iterator[bytes]:
         t = clock()
         if t - ready <= IDLE_WAIT:
             quick += 1
-        elif quick >= MIN_BURST or t - last_nap > 1.0:
-            nap(NAP)
-            last_nap = clock()
-            quick = 0
+        else:
+            waited()
+            if quick >= MIN_BURST or t - last_nap > 1.0:
+                nap(NAP)
+                last_nap = clock()
+                quick = 0
         yield raw
         ready = clock()
+
+
+class FlowSink(Protocol):
+    """What the stream hands flows to (the aggregator)."""
+
+    high_water_ns: int
+
+    def begin_resume(self) -> None: ...
+
+    def add_burst(self, pending: deque) -> None: ...
 
 
 @dataclass
@@ -112,7 +129,6 @@ class StreamStats:
     received: int = 0
     sampled_out: int = 0
     rate_limited: int = 0
-    buffer_overflow: int = 0
     reconnects: int = 0
     connected: bool = False
     last_error: str = "not connected yet"
@@ -140,7 +156,7 @@ class TokenBucket:
 
 
 class FlowStream:
-    """Owns the channel and the reader thread feeding ``queue``."""
+    """Owns the channel and the reader thread, which reads flows and hands them to ``sink`` in bursts."""
 
     def __init__(
         self,
@@ -148,21 +164,24 @@ class FlowStream:
         credentials: Optional[grpc.ChannelCredentials],
         options: list[tuple[str, Any]],
         node_filter: Optional[str],
-        queue: deque,
-        capacity: int,
+        sink: FlowSink,
+        window_bytes: int,
         sample_rate: int,
         max_per_second: int,
-        resume_ns: Any,
     ) -> None:
         self.target = target
         self.credentials = credentials
-        self.options = [*options, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+        self.options = [
+            *options,
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
+            ("grpc.http2.lookahead_bytes", window_bytes),  # the stream's receive window
+            ("grpc.http2.bdp_probe", 0),  # else grpc resizes that window from its bandwidth estimate
+        ]
         self.node_filter = node_filter
-        self.queue = queue
-        self.capacity = capacity
+        self.sink = sink
+        self.pending: deque = deque()  # flows read and not yet aggregated (at most BATCH)
         self.sample_rate = sample_rate
         self.bucket = TokenBucket(max_per_second)
-        self.resume_ns = resume_ns  # callable -> the aggregator's high-water flow time (ns)
         self.backoff = Backoff()
         self.stats = StreamStats()
         self._stop = threading.Event()
@@ -193,7 +212,7 @@ class FlowStream:
         req = observer_pb2.GetFlowsRequest(follow=True, field_mask=FieldMask(paths=FIELD_MASK))
         if self.node_filter:
             req.whitelist.append(flow_pb2.FlowFilter(node_name=[self.node_filter]))
-        since = self.resume_ns()
+        since = self.sink.high_water_ns
         if since:
             req.since.CopyFrom(Timestamp(seconds=since // 1_000_000_000, nanos=since % 1_000_000_000))
         return req
@@ -224,6 +243,7 @@ class FlowStream:
                 log.warning("hubble: reader error: %s", self.stats.last_error)
             finally:
                 self.stats.connected = False
+                self.sink.add_burst(self.pending)  # what this stream delivered is counted before the next
                 channel.close()
             if self._stop.is_set():
                 break
@@ -260,16 +280,17 @@ class FlowStream:
             self._call = call
         if self._stop.is_set():
             call.cancel()
-        q, cap, st = self.queue, self.capacity, self.stats
-        q.append(RECONNECT)
+        sink, pending, st = self.sink, self.pending, self.stats
+        sink.begin_resume()
         st.connected = True
         st.last_error = ""
         sample = self.sample_rate
         p = 1.0 / sample
         rnd = random.random
         take = self.bucket.take
+        add_burst = sink.add_burst
         got = False
-        for raw in read_in_bursts(call):
+        for raw in read_in_bursts(call, lambda: add_burst(pending)):
             got = True
             st.received += 1
             if raw[:1] == _FLOW_TAG:
@@ -279,8 +300,7 @@ class FlowStream:
                 if not take():
                     st.rate_limited += 1
                     continue
-            if len(q) >= cap:
-                st.buffer_overflow += 1
-                continue
-            q.append(raw)
+            pending.append(raw)
+            if len(pending) >= BATCH:
+                add_burst(pending)
         return got

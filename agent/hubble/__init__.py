@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 KEY = "integrations.ebpf.cilium"
 ENDPOINT_ACTIVE_SECONDS = 300.0  # an endpoint seen in a flow this recently counts in hubble_endpoint_*
+FLUSH = 0.1  # a burst the reader has not handed over yet (the stream went quiet) is aggregated this late
 
 
 def resolve_node_name(cfg: CiliumConfig) -> tuple[str, str]:
@@ -138,18 +139,21 @@ class HubbleIntegration:
             self._thread.join(timeout=5)
 
     def _windows(self) -> None:
-        """Close a window every ``aggregation_window`` (with the flows the reader has not handed over
-        yet), and a last one on stop."""
+        """Close a window every ``aggregation_window`` and a last one on stop; in between, every
+        FLUSH seconds, aggregate a burst the reader left when the stream went quiet."""
         window = self.cfg.aggregation_window
         deadline = time.monotonic() + window
         agg, pending = self.aggregator, self.stream.pending
         while True:
-            stopping = self._stop.wait(max(0.0, deadline - time.monotonic()))
-            agg.add_burst(pending)
-            agg.publish()
+            stopping = self._stop.wait(max(0.0, min(FLUSH, deadline - time.monotonic())))
+            if pending:
+                agg.add_burst(pending)
+            now = time.monotonic()
+            if now >= deadline or stopping:
+                agg.publish()
+                deadline = max(deadline + window, now)
             if stopping:
                 return
-            deadline = max(deadline + window, time.monotonic())
 
     def status(self) -> tuple[bool, str]:
         """(ready, reason): ready once connected to the relay."""

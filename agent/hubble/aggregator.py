@@ -79,6 +79,7 @@ class Aggregator:
         self._cum: dict[str, dict[tuple[str, ...], float]] = {n: {} for n in FAMILIES}
         self._cum_hist: dict[str, dict[tuple[str, ...], list]] = {n: {} for n in FAMILIES}
         self._published: list[MetricFamily] = []
+        self._gauges: Optional[dict[str, dict[tuple[str, ...], float]]] = None  # those of _published
         self.lock = threading.Lock()  # held by whoever adds flows or closes a window
         # resume bookkeeping: highest flow time seen and the flows carrying exactly that time
         self.high_water_ns = 0
@@ -345,7 +346,9 @@ class Aggregator:
             slot = table.setdefault(labels, [[0] * len(counts), 0.0])
             slot[0] = [x + y for x, y in zip(slot[0], counts)]
             slot[1] += total
-        self._published = self._build(self._endpoint_gauges(pending))
+        gauges = self._endpoint_gauges(pending)
+        if pending or hist or gauges != self._gauges:  # else the families stay the same objects
+            self._published, self._gauges = self._build(gauges), gauges
         self.stats.windows += 1
 
     def _endpoint_gauges(self, pending: dict) -> dict[str, dict[tuple[str, ...], float]]:

@@ -98,6 +98,15 @@ def read_in_bursts(messages: Iterable[bytes], waited: Callable[[], None] = lambd
         ready = clock()
 
 
+def stream_options(window_bytes: int) -> list[tuple[str, Any]]:
+    """Channel options for reading GetFlows: the stream's receive window fixed at ``window_bytes``."""
+    return [
+        (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
+        ("grpc.http2.lookahead_bytes", window_bytes),
+        ("grpc.http2.bdp_probe", 0),  # else gRPC resizes that window from its bandwidth estimate
+    ]
+
+
 class FlowSink(Protocol):
     """What the stream hands flows to (the aggregator)."""
 
@@ -171,12 +180,7 @@ class FlowStream:
     ) -> None:
         self.target = target
         self.credentials = credentials
-        self.options = [
-            *options,
-            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
-            ("grpc.http2.lookahead_bytes", window_bytes),  # the stream's receive window
-            ("grpc.http2.bdp_probe", 0),  # else grpc resizes that window from its bandwidth estimate
-        ]
+        self.options = [*options, *stream_options(window_bytes)]
         self.node_filter = node_filter
         self.sink = sink
         self.pending: deque = deque()  # flows read and not yet aggregated (at most BATCH)

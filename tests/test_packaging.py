@@ -144,6 +144,7 @@ def test_deb_contents(packages: tuple[Path, Path]) -> None:
         "/usr/bin/tfo-agent",
         "/usr/lib/tfo-agent/agent/cli.py",
         "/usr/lib/tfo-agent/agent/hubble/proto_gen/observer/observer_pb2_grpc.py",
+        "/usr/lib/tfo-agent/agent/cri/proto_gen/runtime/api_pb2_grpc.py",
         "/usr/lib/tfo-agent/vendor/opentelemetry/sdk/metrics/__init__.py",
         "/usr/lib/tfo-agent/vendor/opentelemetry/exporter/otlp/proto/grpc/metric_exporter/__init__.py",
         "/etc/tfo-agent/config.yaml",
@@ -237,11 +238,12 @@ EL9_BASEOS = ("PyYAML==5.4.1", "requests==2.25.1", "urllib3==1.26.5", "idna==2.1
 
 def feature_check(*path: str) -> str:
     """Python source: with ``path`` first on sys.path (as the launcher does), import every optional
-    feature (Hubble gRPC client, OTLP gRPC/HTTP exporters), build the exporters, and print where
+    feature (Hubble gRPC client, CRI client, OTLP gRPC/HTTP exporters), build the exporters, and print where
     grpc and protobuf came from."""
     return (
         f"import sys; sys.path[:0] = {list(path)!r};"
         "import grpc, google.protobuf, agent.hubble.client, agent.hubble.proto_gen.observer.observer_pb2_grpc;"
+        "import agent.cri.client;"
         "from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter;"
         "from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as H;"
         "OTLPMetricExporter(endpoint='localhost:4317', insecure=True); H(endpoint='http://localhost:4318');"

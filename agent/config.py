@@ -44,6 +44,23 @@ def _positive(value: float) -> Optional[str]:
     return None if value > 0 else "a value greater than 0"
 
 
+EBPF_LABELS = ("comm", "container", "pod", "namespace")
+
+
+def _labels(value: tuple[str, ...]) -> Optional[str]:
+    bad = [v for v in value if v not in EBPF_LABELS]
+    if bad:
+        return f"labels drawn from {', '.join(EBPF_LABELS)} (not {bad[0]!r})"
+    if not value or len(set(value)) != len(value):
+        return "a non-empty list of distinct labels"
+    return None
+
+
+def _unix_socket(value: str) -> Optional[str]:
+    path = value[len("unix://") :] if value.startswith("unix://") else value
+    return None if not value or path.startswith("/") else '"" (auto-detect) or an absolute socket path or unix:///path'
+
+
 @dataclass(frozen=True)
 class CiliumConfig:
     """``integrations.ebpf.cilium``: the Hubble Relay connection and flow processing."""
@@ -97,11 +114,20 @@ class EbpfConfig:
     sample_rate: int = field(default=100, metadata={"min": 1, "max": 100})
     # Distinct comm label values per per-process family, comm="other" included; the rest fold into it.
     max_comm_series: int = field(default=100, metadata={"min": 1})
+    # Labels of per-process families (and, beyond comm, of the syscall families): comm, container, pod, namespace.
+    labels: tuple[str, ...] = field(default=("comm",), metadata={"check": _labels})
+    # The container runtime's CRI socket for pod metadata; "" = the containerd or CRI-O default socket.
+    container_runtime_endpoint: str = field(default="", metadata={"check": _unix_socket})
     ring_buffer_size: int = field(default=65536, metadata={"check": _power_of_two_pages})
     perf_buffer_size: int = field(default=8192, metadata={"min": 1})
     max_stack_depth: int = field(default=20, metadata={"min": 1, "max": 127})
     btf_path: str = " "
     cilium: CiliumConfig = field(default_factory=CiliumConfig)
+
+    @property
+    def container_labels(self) -> bool:
+        """True when per-process families carry container, pod or namespace labels."""
+        return any(n != "comm" for n in self.labels)
 
     @property
     def btf_custom_path(self) -> Optional[str]:

@@ -41,6 +41,7 @@ def test_empty_file_is_the_seed_defaults() -> None:
     assert e.exclude_processes == ("tfo-agent", "systemd") and e.process_filter == ()
     assert (e.sample_rate, e.ring_buffer_size, e.perf_buffer_size, e.max_stack_depth) == (100, 65536, 8192, 20)
     assert e.btf_custom_path is None
+    assert (e.labels, e.container_runtime_endpoint, e.container_labels) == (("comm",), "", False)
     c = e.cilium
     assert c.hubble_address == "hubble-relay.kube-system.svc:4245" and c.hubble_tls_enabled
     assert c.exclude_namespaces == ("kube-system", "cilium") and c.aggregation_window == 10.0
@@ -111,6 +112,24 @@ BAD = [
         E + "    pin_path: ${TFO_SURELY_UNSET_VAR}\n",
         "expected environment variable TFO_SURELY_UNSET_VAR to be set",
     ),
+    (
+        "labels-unknown",
+        E + "    labels: [comm, node]\n",
+        ":3: integrations.ebpf.labels: expected labels drawn from comm, container, pod, namespace (not 'node')",
+    ),
+    ("labels-empty", E + "    labels: []\n", "integrations.ebpf.labels: expected a non-empty list of distinct labels"),
+    ("labels-twice", E + "    labels: [pod, pod]\n", "integrations.ebpf.labels: expected a non-empty list of distinct"),
+    ("labels-scalar", E + "    labels: pod\n", "integrations.ebpf.labels: expected a list of strings, found pod"),
+    (
+        "runtime-relative",
+        E + "    container_runtime_endpoint: run/containerd/containerd.sock\n",
+        'integrations.ebpf.container_runtime_endpoint: expected "" (auto-detect) or an absolute socket path',
+    ),
+    (
+        "runtime-url",
+        E + "    container_runtime_endpoint: tcp://10.0.0.1:1234\n",
+        'container_runtime_endpoint: expected "" (auto-detect) or an absolute socket path or unix:///path',
+    ),
     ("not-mapping", "integrations: [1, 2]\n", ":1: integrations: expected a mapping, found a list"),
     ("yaml", "integrations:\n  ebpf: [\n", "not valid YAML"),
     (
@@ -146,11 +165,11 @@ def test_missing_config_file_and_bad_flag() -> None:
 
 def test_check_passes_here_and_reports_unavailable_features(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
-    path.write_text(f"integrations:\n  ebpf:\n    programs_path: {ROOT / 'bpf'}\n    namespace_filter: [default]\n")
+    path.write_text(f"integrations:\n  ebpf:\n    programs_path: {ROOT / 'bpf'}\n    collect_dns: true\n")
     out = cli("check", "-c", str(path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "[OK  ] collector syscalls: attaches via tp_btf" in out.stdout
-    assert "[WARN] namespace_filter: enabled but not available" in out.stdout
+    assert "[WARN] collect_dns: enabled but not available" in out.stdout
 
 
 def test_check_fails_with_remedy_when_a_collector_cannot_load(tmp_path: Path) -> None:

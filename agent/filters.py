@@ -1,4 +1,4 @@
-"""Process/container filters and sampling, programmed into every collector's kernel maps.
+"""Process/container/namespace filters and sampling, programmed into every collector's kernel maps.
 
 The kernel side (``bpf/tfo.bpf.h``) decides per task and caches the verdict in task-local storage;
 this module turns the config into map contents:
@@ -7,9 +7,13 @@ this module turns the config into map contents:
   at most 15 characters as the kernel keeps them) -> ``tfo_comm_filter``;
 - ``container_filter``: cgroup directories whose name starts with an entry, either as written
   (``docker-<id>.scope``) or after a runtime prefix (``docker-``, ``cri-containerd-``, ``crio-``,
-  ``libpod-``), found on every mounted cgroup v1 hierarchy and the v2 tree -> their inode numbers
-  (the kernel's cgroup ids) in ``tfo_cgroup_filter``; a task matches when its cgroup or an ancestor
-  is there;
+  ``libpod-``), found on every mounted cgroup v1 hierarchy and the v2 tree;
+- ``namespace_filter``: every cgroup of the pods in those Kubernetes namespaces, as the container
+  runtime reports them (``agent.cri.pods.PodMetadata``), followed as pods come and go.
+  Both go into ``tfo_cgroup_filter`` as (hierarchy id, cgroup id) -> bit; a task matches a filter
+  when its cgroup or an ancestor, on any hierarchy, carries the bit;
+- ``labels`` beyond ``comm``: the kernel keys per-process counters by cgroup too, on the tree
+  ``agent.cri.cgroups.key_hierarchy`` picks (``tfo_cfg.labels``, ``tfo_cfg.cgroup_subsys``);
 - ``sample_rate``: each event is kept with that probability and weighs 100/rate events.
 """
 
@@ -19,17 +23,24 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 from agent.config import EbpfConfig
+from agent.cri.cgroups import Hierarchy, container_matches, hierarchies, key_hierarchy
 from agent.libbpf import BpfObject
+
+if TYPE_CHECKING:
+    from agent.cri.pods import PodMetadata
 
 log = logging.getLogger(__name__)
 
 COMM_LEN = 16
 INCLUDE, EXCLUDE = 1, 2
+CG_CONTAINER, CG_NAMESPACE = 1, 2  # tfo_cgroup_filter bits
 UNIT = 100  # weight of one event at 100% sampling (must match TFO_UNIT)
-RUNTIME_PREFIXES = ("docker-", "cri-containerd-", "crio-", "libpod-", "containerd-")
-_CFG = struct.Struct("<5I")  # struct tfo_cfg
+_CFG = struct.Struct("<8I")  # struct tfo_cfg
+_CGROUP_REF = struct.Struct("<QII")  # struct tfo_cgroup_ref
+CgroupRefs = frozenset[tuple[int, int]]  # (hierarchy id, cgroup id)
 
 
 def comm_key(name: str) -> bytes:
@@ -37,36 +48,28 @@ def comm_key(name: str) -> bytes:
     return name.encode()[: COMM_LEN - 1].ljust(COMM_LEN, b"\0")
 
 
-def cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
-    """Mount points of every cgroup v1 hierarchy and cgroup v2 tree."""
-    points = []
-    with open(mountinfo) as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            if post.split(" ", 1)[0] in ("cgroup", "cgroup2"):
-                points.append(pre.split(" ")[4].replace("\\040", " "))
-    return points
-
-
-def container_matches(dirname: str, entries: tuple[str, ...]) -> bool:
-    names = [dirname] + [dirname[len(p) :] for p in RUNTIME_PREFIXES if dirname.startswith(p)]
-    return any(n.startswith(e) for n in names for e in entries)
-
-
-def container_cgroup_ids(entries: tuple[str, ...]) -> set[int]:
-    """Inode numbers (= kernel cgroup ids) of the cgroups matching ``container_filter``."""
-    ids: set[int] = set()
+def container_cgroup_refs(entries: tuple[str, ...]) -> set[tuple[int, int]]:
+    """(hierarchy id, inode number = kernel cgroup id) of the cgroups matching ``container_filter``,
+    on the trees the kernel's filter walks (v2 and the v1 controllers)."""
+    refs: set[tuple[int, int]] = set()
     if not entries:
-        return ids
-    for root in cgroup_mounts():
-        for dirpath, dirnames, _ in os.walk(root):
+        return refs
+    for tree in hierarchies():
+        if not (tree.v2 or tree.controllers):
+            continue
+        for dirpath, dirnames, _ in os.walk(tree.mount):
             for d in dirnames:
                 if container_matches(d, entries):
                     try:
-                        ids.add(os.stat(os.path.join(dirpath, d)).st_ino)
+                        refs.add((tree.id, os.stat(os.path.join(dirpath, d)).st_ino))
                     except OSError:
                         continue
-    return ids
+    return refs
+
+
+def cgroup_subsys(tree: Optional[Hierarchy]) -> int:
+    """``tfo_cfg.cgroup_subsys`` for a key tree: 0 for v2, ssid + 1 for a v1 controller's."""
+    return 0 if tree is None or tree.v2 or tree.ssid is None else tree.ssid + 1
 
 
 @dataclass
@@ -77,28 +80,61 @@ class Filters:
     exclude: tuple[str, ...]
     containers: tuple[str, ...]
     sample_rate: int
-    cgroup_ids: frozenset[int] = frozenset()
+    namespaces: tuple[str, ...] = ()
+    labels: bool = False
+    subsys: int = 0
+    cgroup_refs: CgroupRefs = frozenset()
+    namespace_refs: CgroupRefs = frozenset()
+    pods: Optional[PodMetadata] = None
     gen: int = 1
 
     @classmethod
-    def from_config(cls, cfg: EbpfConfig) -> Filters:
-        f = cls(cfg.process_filter, cfg.exclude_processes, cfg.container_filter, cfg.sample_rate)
-        f.cgroup_ids = frozenset(container_cgroup_ids(f.containers))
+    def from_config(cls, cfg: EbpfConfig, pods: Optional[PodMetadata] = None) -> Filters:
+        """``pods`` gives the namespaces' cgroups and the key tree (when absent, the host's is used)."""
+        tree = pods.index.tree if pods is not None and pods.index else key_hierarchy(hierarchies())
+        f = cls(
+            cfg.process_filter,
+            cfg.exclude_processes,
+            cfg.container_filter,
+            cfg.sample_rate,
+            cfg.namespace_filter,
+            cfg.container_labels,
+            cgroup_subsys(tree),
+            pods=pods,
+        )
+        f.cgroup_refs = frozenset(container_cgroup_refs(f.containers))
+        f.namespace_refs = f._namespace_refs()
         return f
 
-    def update(self, cfg: EbpfConfig) -> bool:
-        """Take new settings (reload); True when anything changed."""
-        new = Filters.from_config(cfg)
-        changed = (new.include, new.exclude, new.containers, new.sample_rate, new.cgroup_ids) != (
+    def _namespace_refs(self) -> CgroupRefs:
+        return self.pods.namespace_cgroups() if self.pods is not None and self.namespaces else frozenset()
+
+    def _state(self) -> tuple[object, ...]:
+        return (
             self.include,
             self.exclude,
             self.containers,
             self.sample_rate,
-            self.cgroup_ids,
+            self.namespaces,
+            self.labels,
+            self.subsys,
+            self.cgroup_refs,
+            self.namespace_refs,
         )
+
+    def update(self, cfg: EbpfConfig) -> bool:
+        """Take new settings (reload); True when anything changed."""
+        new = Filters.from_config(cfg, self.pods)
+        changed = new._state() != self._state()
         if changed:
             self.include, self.exclude, self.containers = new.include, new.exclude, new.containers
-            self.sample_rate, self.cgroup_ids = new.sample_rate, new.cgroup_ids
+            self.sample_rate, self.namespaces, self.labels, self.subsys = (
+                new.sample_rate,
+                new.namespaces,
+                new.labels,
+                new.subsys,
+            )
+            self.cgroup_refs, self.namespace_refs = new.cgroup_refs, new.namespace_refs
             self.gen += 1
         return changed
 
@@ -106,10 +142,19 @@ class Filters:
         """Look for new or gone container cgroups; True when the set changed."""
         if not self.containers:
             return False
-        ids = frozenset(container_cgroup_ids(self.containers))
-        if ids == self.cgroup_ids:
+        refs = frozenset(container_cgroup_refs(self.containers))
+        if refs == self.cgroup_refs:
             return False
-        self.cgroup_ids = ids
+        self.cgroup_refs = refs
+        self.gen += 1
+        return True
+
+    def pods_changed(self) -> bool:
+        """Take the namespaces' cgroups as the runtime now reports them; True when they changed."""
+        refs = self._namespace_refs()
+        if refs == self.namespace_refs:
+            return False
+        self.namespace_refs = refs
         self.gen += 1
         return True
 
@@ -125,8 +170,22 @@ class Filters:
         for name in self.exclude:
             marks[comm_key(name)] = marks.get(comm_key(name), 0) | EXCLUDE
         _sync_map(obj, "tfo_comm_filter", {k: bytes([v]) for k, v in marks.items()})
-        _sync_map(obj, "tfo_cgroup_filter", {struct.pack("<Q", i): b"\1" for i in self.cgroup_ids})
-        cfg = _CFG.pack(self.gen, self.sample_rate, self.weight, int(bool(self.include)), int(bool(self.containers)))
+        bits: dict[tuple[int, int], int] = {}
+        for ref in self.cgroup_refs:
+            bits[ref] = bits.get(ref, 0) | CG_CONTAINER
+        for ref in self.namespace_refs:
+            bits[ref] = bits.get(ref, 0) | CG_NAMESPACE
+        _sync_map(obj, "tfo_cgroup_filter", {_CGROUP_REF.pack(i, h, 0): bytes([b]) for (h, i), b in bits.items()})
+        cfg = _CFG.pack(
+            self.gen,
+            self.sample_rate,
+            self.weight,
+            int(bool(self.include)),
+            int(bool(self.containers)),
+            int(bool(self.namespaces)),
+            int(self.labels),
+            self.subsys,
+        )
         obj.map(".data.tfo_cfg").update(b"\0\0\0\0", cfg)
 
 

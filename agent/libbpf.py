@@ -85,6 +85,7 @@ class _Lib:
         self._proto("bpf_map__value_size", u32, vp)
         self._proto("bpf_map__max_entries", u32, vp)
         self._proto("bpf_map__set_pin_path", i, vp, cp)
+        self._proto("bpf_map__set_max_entries", i, vp, u32)
         self._proto("bpf_map_lookup_elem", i, i, vp, vp)
         self._proto("bpf_map_update_elem", i, i, vp, vp, ctypes.c_uint64)
         self._proto("bpf_map_delete_elem", i, i, vp)
@@ -308,6 +309,14 @@ class BpfObject:
             raise LibbpfError(errno.ENOENT, f"{os.path.basename(self.path)} has no map {name}")
         if lib().lib.bpf_map__set_pin_path(handle, os.fsencode(path)) != 0:
             raise lib().error(f"setting pin path of {name}")
+
+    def set_max_entries(self, name: str, entries: int) -> None:
+        """Before load: size map ``name`` to ``entries`` (a map a configuration leaves unused gets 1)."""
+        handle = lib().lib.bpf_object__find_map_by_name(self._handle, name.encode())
+        if not handle:
+            raise LibbpfError(errno.ENOENT, f"{os.path.basename(self.path)} has no map {name}")
+        if lib().lib.bpf_map__set_max_entries(handle, entries) != 0:
+            raise lib().error(f"sizing map {name}")
 
     def close(self) -> None:
         if self._handle:

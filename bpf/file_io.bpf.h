@@ -110,8 +110,9 @@ static __always_inline __u32 file_op_at_enter(struct task_struct *task, long id,
 	return op == FOP_OPEN || fd_is_regular(task, fd) ? op : FOP_NONE;
 }
 
-/* Account a file operation that took ns nanoseconds and returned ret, at weight w. */
-static __always_inline void file_io_account(struct task_struct *task, __u32 op, long ret, __u64 ns, __u32 w)
+/* Account a file operation of task (storage t) that took ns nanoseconds and returned ret, at weight w. */
+static __always_inline void file_io_account(struct task_struct *task, struct tfo_task *t, __u32 op, long ret,
+					    __u64 ns, __u32 w)
 {
 	struct tfo_comm_val *v;
 	struct tfo_hist *h;
@@ -122,7 +123,7 @@ static __always_inline void file_io_account(struct task_struct *task, __u32 op, 
 	h = bpf_map_lookup_elem(&file_latency, &idx);
 	if (h)
 		tfo_hist_add(h, ns, w);
-	v = tfo_comm_counters(task);
+	v = tfo_comm_counters(task, t);
 	if (!v)
 		return;
 	if (op == FOP_READ)

@@ -18,11 +18,12 @@ enum { V_FAULTS, V_PAGE_ALLOCS, V_SLAB_ALLOCS, V_OOM_KILLS };
 static __always_inline void count_current(__u32 i)
 {
 	struct task_struct *task = tfo_current_task();
+	struct tfo_task *t = tfo_task_observed(task);
 	struct tfo_comm_val *v;
 
-	if (!tfo_task_observed(task) || !tfo_sampled())
+	if (!t || !tfo_sampled())
 		return;
-	v = tfo_comm_counters(task);
+	v = tfo_comm_counters(task, t);
 	if (v && i < TFO_COMM_VALUES)
 		v->v[i] += tfo_weight();
 }
@@ -70,11 +71,12 @@ int BPF_PROG(tpbtf_kmem_cache_alloc, unsigned long call_site, const void *ptr)
 SEC("tp_btf/mark_victim")
 int BPF_PROG(tpbtf_mark_victim, struct task_struct *victim)
 {
+	struct tfo_task *t = tfo_task_observed(victim);
 	struct tfo_comm_val *v;
 
-	if (!tfo_task_observed(victim))
+	if (!t)
 		return 0;
-	v = tfo_comm_counters(victim);
+	v = tfo_comm_counters(victim, t);
 	if (v)
 		v->v[V_OOM_KILLS] += TFO_UNIT;
 	return 0;
@@ -129,13 +131,15 @@ int BPF_PROG(raw_process_exit)
 	struct task_struct *task = tfo_current_task();
 	struct signal_struct *sig = TFO_RD(task, signal);
 	struct tfo_comm_val *v;
+	struct tfo_task *t;
 
 	/* not a victim, or not its last thread */
 	if (!sig || !TFO_RD(sig, oom_mm) || TFO_RD(sig, live.counter))
 		return 0;
-	if (!tfo_task_observed(task))
+	t = tfo_task_observed(task);
+	if (!t)
 		return 0;
-	v = tfo_comm_counters(task);
+	v = tfo_comm_counters(task, t);
 	if (v)
 		v->v[V_OOM_KILLS] += TFO_UNIT;
 	return 0;

@@ -65,7 +65,7 @@ static __always_inline void switch_out(struct task_struct *prev, bool runnable, 
 	runtime = prev->se.sum_exec_runtime;
 	nvcsw = prev->nvcsw;
 	nivcsw = prev->nivcsw;
-	v = tfo_comm_counters(prev);
+	v = tfo_comm_counters(prev, t);
 	if (v) {
 		v->v[V_RUNTIME_NS] += (runtime - s->runtime) * TFO_UNIT;
 		v->v[V_VOLUNTARY] += (nvcsw - s->nvcsw) * TFO_UNIT;

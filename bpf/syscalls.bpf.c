@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /* The syscall hooks: one sys_enter/sys_exit pair serves two collectors, each switched on at run
  * time in tfo_features by userspace:
- *  - syscalls: count, latency (log2 histogram, ns) and errors by errno per syscall, per CPU;
+ *  - syscalls: count, latency (log2 histogram, ns) and errors by errno per syscall, per CPU; with
+ *    container labels (tfo_cfg.labels) counts and errors per cgroup and syscall instead of errors
+ *    per syscall (syscall_cg), the histogram staying per syscall;
  *  - file_io (file_io.bpf.h): bytes and opens on regular files, latency per operation.
  * Every syscall of every task passes here, so both share one storage lookup and one pair of clock
  * reads: the start time of the syscall in flight lives in task-local storage (ts), with the
@@ -29,7 +31,7 @@
 /* Written by userspace: which collectors use the hooks (F_*). */
 volatile __u32 tfo_features SEC(".data.features") = 0;
 
-/* Per syscall number: latency histogram; its count is the syscall count. */
+/* Per syscall number: latency histogram; its count is the syscall count (without labels). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, MAX_SYSCALLS);
@@ -44,6 +46,23 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } syscall_errors SEC(".maps");
+
+/* With container labels: key {cgroup, nr, 0} counts the calls, {cgroup, nr, errno} the errors.
+ * Userspace sizes it to one entry when labels are off, and writes two kinds of keys of its own:
+ * cg 0 holds counts folded into "other" by the series cap, cg ~0 those of host cgroups that are
+ * gone (they stay in the host's series). */
+struct syscall_cg_key {
+	__u64 cg;
+	__u32 nr;
+	__u32 err;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct syscall_cg_key);
+	__type(value, __u64);
+} syscall_cg SEC(".maps");
 
 /* Does sys_enter of syscall id need the first argument (file I/O on, a file syscall)? */
 static __always_inline bool wants_fd(long id)
@@ -91,13 +110,21 @@ static __always_inline int on_exit(long ret)
 		h = bpf_map_lookup_elem(&syscall_stats, &nr);
 		if (h)
 			tfo_hist_add(h, ns, w);
-		if (ret < 0 && ret >= -MAX_ERRNO) {
+		if (tfo_cfg.labels) {
+			struct syscall_cg_key key = { .cg = t->cg, .nr = nr };
+
+			tfo_counter_add(&syscall_cg, &key, w);
+			if (ret < 0 && ret >= -MAX_ERRNO) {
+				key.err = -ret;
+				tfo_counter_add(&syscall_cg, &key, w);
+			}
+		} else if (ret < 0 && ret >= -MAX_ERRNO) {
 			__u32 key = nr << 16 | (__u32)(-ret);
 			tfo_counter_add(&syscall_errors, &key, w);
 		}
 	}
 	if (op != FOP_NONE && (tfo_features & F_FILE_IO))
-		file_io_account(task, op, ret, ns, w);
+		file_io_account(task, t, op, ret, ns, w);
 	return 0;
 }
 

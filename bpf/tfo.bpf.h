@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Shared kernel-side helpers of every tfo-agent collector:
- *  - the process/container filter verdict, cached per task in task-local storage;
+ *  - the process/container/namespace filter verdict, cached per task in task-local storage, with
+ *    the task's cgroup key when per-process families carry container labels;
  *  - sampling, expressed as a per-event weight (1/100 of an event) so that userspace
  *    divides by 100 and gets an estimate scaled back to 100%;
  *  - log2 histograms (bucket s holds 2^(s-1) < v <= 2^s, so le=2^s exactly).
@@ -19,6 +20,8 @@
 #define TFO_MAX_SUBSYS 16
 #define TFO_FILTER_INCLUDE 1
 #define TFO_FILTER_EXCLUDE 2
+#define TFO_CG_CONTAINER 1 /* tfo_cgroup_filter value bits: matches container_filter, */
+#define TFO_CG_NAMESPACE 2 /* is a pod's of a namespace_filter namespace */
 #define TFO_UNIT 100 /* weight of one event at 100% sampling */
 
 char LICENSE[] SEC("license") = "GPL";
@@ -30,6 +33,9 @@ struct tfo_cfg {
 	__u32 weight;       /* TFO_UNIT * 100 / sample_rate */
 	__u32 has_process_filter;
 	__u32 has_container_filter;
+	__u32 has_namespace_filter;
+	__u32 labels;        /* 1: per-process counters are keyed by cgroup too (container labels) */
+	__u32 cgroup_subsys; /* whose cgroup is the key: 0 the v2 tree, n the v1 controller of ssid n-1 */
 };
 volatile struct tfo_cfg tfo_cfg SEC(".data.tfo_cfg") = {
 	.gen = 1, .sample_rate = 100, .weight = TFO_UNIT,
@@ -46,10 +52,18 @@ struct {
 	__type(value, __u8);
 } tfo_comm_filter SEC(".maps");
 
+/* A cgroup: ids are per hierarchy (each v1 hierarchy and the v2 tree number their own). */
+struct tfo_cgroup_ref {
+	__u64 id;        /* kernfs id, the directory's inode number */
+	__u32 hierarchy; /* 0 for the v2 tree, as in /proc/<pid>/cgroup */
+	__u32 pad;
+};
+
+/* Cgroups of container_filter and namespace_filter -> TFO_CG_* bits. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 8192);
-	__type(key, __u64);
+	__uint(max_entries, 16384);
+	__type(key, struct tfo_cgroup_ref);
 	__type(value, __u8);
 } tfo_cgroup_filter SEC(".maps");
 
@@ -58,6 +72,7 @@ struct tfo_task {
 	__u64 ts;       /* collector scratch: start time of the operation in flight */
 	__u32 verdict;  /* 1 = this task is observed */
 	__u32 aux;      /* collector scratch: e.g. the syscall number in flight */
+	__u64 cg;       /* with labels: the task's cgroup key (tfo_cgroup_key), as of the verdict */
 };
 
 #ifdef TFO_COMPAT
@@ -126,34 +141,62 @@ static __always_inline __u64 tfo_gen(void)
 	return ((__u64)tfo_cfg.gen << 32) | tfo_kgen;
 }
 
-static __always_inline bool tfo_cgroup_matches(struct cgroup *cg)
+/* The TFO_CG_* bits of cg and its ancestors in one hierarchy, stopping once all of `want` are found. */
+static __always_inline __u8 tfo_cgroup_bits(struct cgroup *cg, __u32 hierarchy, __u8 have, __u8 want)
 {
-	for (int d = 0; d < TFO_CGROUP_DEPTH && cg; d++) {
-		__u64 id = BPF_CORE_READ(cg, kn, id);
-		if (bpf_map_lookup_elem(&tfo_cgroup_filter, &id))
-			return true;
+	struct tfo_cgroup_ref ref = { .hierarchy = hierarchy };
+
+	for (int d = 0; d < TFO_CGROUP_DEPTH && cg && (have & want) != want; d++) {
+		__u8 *bits;
+
+		ref.id = BPF_CORE_READ(cg, kn, id);
+		bits = bpf_map_lookup_elem(&tfo_cgroup_filter, &ref);
+		if (bits)
+			have |= *bits;
 		cg = (struct cgroup *)BPF_CORE_READ(cg, self.parent);
 	}
-	return false;
+	return have;
 }
 
-/* Is the task in one of the filtered containers, on the v2 tree or any v1 hierarchy? */
-static __always_inline bool tfo_in_container(struct task_struct *task)
+/* Which of the cgroup filters (`want`, TFO_CG_* bits) the task's cgroups match, on the v2 tree or
+ * any v1 hierarchy. */
+static __always_inline __u8 tfo_task_cgroup_bits(struct task_struct *task, __u8 want)
 {
 	struct css_set *cset = BPF_CORE_READ(task, cgroups);
 	int n = bpf_core_field_size(cset->subsys) / sizeof(void *);
+	__u8 have = tfo_cgroup_bits(BPF_CORE_READ(cset, dfl_cgrp), 0, 0, want);
 
-	if (tfo_cgroup_matches(BPF_CORE_READ(cset, dfl_cgrp)))
-		return true;
-	for (int i = 0; i < TFO_MAX_SUBSYS; i++) {
+	for (int i = 0; i < TFO_MAX_SUBSYS && (have & want) != want; i++) {
 		struct cgroup_subsys_state *css = NULL;
+		struct cgroup *cg;
+
 		if (i >= n)
 			break;
 		bpf_core_read(&css, sizeof(css), &cset->subsys[i]);
-		if (css && tfo_cgroup_matches(BPF_CORE_READ(css, cgroup)))
-			return true;
+		if (!css)
+			continue;
+		cg = BPF_CORE_READ(css, cgroup);
+		have = tfo_cgroup_bits(cg, BPF_CORE_READ(cg, root, hierarchy_id), have, want);
 	}
-	return false;
+	return have;
+}
+
+/* The task's cgroup key for per-process counters with container labels: the id of its cgroup on
+ * the v2 tree, or on the v1 hierarchy of controller tfo_cfg.cgroup_subsys - 1. */
+static __noinline __u64 tfo_cgroup_key(struct task_struct *task)
+{
+	struct css_set *cset = BPF_CORE_READ(task, cgroups);
+	int n = bpf_core_field_size(cset->subsys) / sizeof(void *);
+	struct cgroup_subsys_state *css = NULL;
+	__u32 ssid = tfo_cfg.cgroup_subsys;
+
+	if (!ssid)
+		return BPF_CORE_READ(cset, dfl_cgrp, kn, id);
+	ssid -= 1;
+	if (ssid >= TFO_MAX_SUBSYS || ssid >= n)
+		return 0;
+	bpf_core_read(&css, sizeof(css), &cset->subsys[ssid]);
+	return css ? BPF_CORE_READ(css, cgroup, kn, id) : 0;
 }
 
 static __noinline __u32 tfo_compute_verdict(struct task_struct *task)
@@ -168,8 +211,13 @@ static __noinline __u32 tfo_compute_verdict(struct task_struct *task)
 		return 0;
 	if (tfo_cfg.has_process_filter && !(mark && (*mark & TFO_FILTER_INCLUDE)))
 		return 0;
-	if (tfo_cfg.has_container_filter && !tfo_in_container(task))
-		return 0;
+	if (tfo_cfg.has_container_filter || tfo_cfg.has_namespace_filter) {
+		__u8 want = (tfo_cfg.has_container_filter ? TFO_CG_CONTAINER : 0) |
+			    (tfo_cfg.has_namespace_filter ? TFO_CG_NAMESPACE : 0);
+
+		if (tfo_task_cgroup_bits(task, want) != want)
+			return 0;
+	}
 	return 1;
 }
 
@@ -184,6 +232,7 @@ static __always_inline struct tfo_task *tfo_task_observed(struct task_struct *ta
 	gen = tfo_gen();
 	if (t->gen != gen) {
 		t->verdict = tfo_compute_verdict(task);
+		t->cg = t->verdict && tfo_cfg.labels ? tfo_cgroup_key(task) : 0;
 		t->gen = gen;
 	}
 	return t->verdict ? t : NULL;

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Optional
 
+from agent.collectors.labels import Attribution, HostOnly
 from agent.config import EbpfConfig
 from agent.filters import UNIT, Filters
 from agent.libbpf import BpfObject, LibbpfError, Link
@@ -114,9 +115,11 @@ class BpfCollector:
     object_name: ClassVar[str] = ""  # the object's name when it is not the collector's
     feature: ClassVar[int] = 0  # this collector's bit in a shared object's tfo_features
 
-    def __init__(self, cfg: EbpfConfig, filters: Filters) -> None:
+    def __init__(self, cfg: EbpfConfig, filters: Filters, attribution: Optional[Attribution] = None) -> None:
+        """``attribution`` says whose cgroups are whose, for container labels (none: all the host's)."""
         self.cfg = cfg
         self.filters = filters
+        self.attribution: Attribution = attribution or HostOnly()
         self.error = ""
         self.read_errors = 0
         self._loaded: Optional[tuple[tuple[str, bool], Loaded]] = None  # (_LOADED key, object) once started
@@ -149,6 +152,16 @@ class BpfCollector:
     def variant_path(self, variant: str) -> str:
         name = f"{self.object_stem()}.{variant}" if variant else self.object_stem()
         return os.path.join(self.cfg.programs_path, f"{name}.bpf.o")
+
+    @classmethod
+    def pinned_maps(cls, cfg: EbpfConfig) -> tuple[str, ...]:
+        """The maps pinned with ``cfg`` (those holding counters in use)."""
+        return cls.pinned
+
+    @classmethod
+    def map_sizes(cls, cfg: EbpfConfig) -> dict[str, int]:
+        """Map name -> max_entries to set before load (maps ``cfg`` leaves unused shrink to 1)."""
+        return {}
 
     def sharers(self) -> list[type[BpfCollector]]:
         """Every collector class of this build on this collector's object (itself included)."""
@@ -227,11 +240,13 @@ class BpfCollector:
                 raise LibbpfError(22, f"{os.path.basename(path)} has no {mode.prefix}* programs")
             for p in obj.program_names:
                 obj.set_autoload(p, p in programs)
-            if pin:
-                for cls in self.sharers():
+            for cls in self.sharers():
+                for m, entries in cls.map_sizes(self.cfg).items():
+                    obj.set_max_entries(m, entries)
+                if pin:
                     pin_dir = self.pin_dir_of(cls.name)
                     os.makedirs(pin_dir, exist_ok=True)
-                    for m in cls.pinned:
+                    for m in cls.pinned_maps(self.cfg):
                         obj.set_pin_path(m, os.path.join(pin_dir, m))
             obj.load()
             self.filters.program(obj)

@@ -182,6 +182,7 @@ def self_test(cls: type[BpfCollector], ebpf: EbpfConfig) -> str:
     cfg = replace(
         ebpf, process_filter=(comm,), exclude_processes=(), container_filter=(), namespace_filter=(), sample_rate=100
     )
+    cfg = replace(cfg, labels=tuple(dict.fromkeys(("comm", *cfg.labels))))  # the probes find their figures by comm
     collector = cls(cfg, Filters.from_config(cfg))
     collector.start(pin=False)
     try:

@@ -113,7 +113,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from agent.collectors import CollectorError
     from agent.collectors.catalog import COLLECTORS
     from agent.collectors.selftest import SelfTestFailed, self_test
-    from agent.manager import unavailable_features
+    from agent.manager import unavailable_features, wants_pods
 
     cfg = _load(args.config)
     ebpf = cfg.ebpf
@@ -134,6 +134,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                     f"collector {cls.name}", "fail", str(exc), "Program load failed: check kernel version compatibility"
                 )
             )
+    if wants_pods(cfg):
+        from agent.cri.status import runtime_check
+
+        checks.append(runtime_check(ebpf.container_runtime_endpoint))
     cilium = ebpf.cilium
     if cilium.enabled and "cilium" not in unavailable_features(cfg):
         from agent.hubble.status import hubble_checks

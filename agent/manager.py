@@ -5,6 +5,10 @@ Collectors (the eBPF collectors of ``agent/collectors/catalog.py`` and, when
 start, or whose reads fail ``CRASH_AFTER`` times in a row, is stopped and started again with
 exponential backoff, and reported in the self-metrics, the log and ``/readyz``, while the rest run.
 ``reload(cfg)`` applies a new, already validated config without touching what did not change.
+
+When the config wants pod metadata (container labels, ``namespace_filter``, or the Hubble endpoint
+gauges at node scope with ``kubernetes_enabled``), the manager runs one ``PodMetadata`` (the
+container runtime's view, ``agent/cri``) and hands it to the collectors, the filters and Hubble.
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ import platform
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from agent import __version__, host
 from agent.collectors import BpfCollector
 from agent.collectors.catalog import COLLECTORS
 from agent.config import Config
 from agent.filters import Filters
+
+if TYPE_CHECKING:
+    from agent.cri.pods import PodMetadata
 from agent.registry import Kind, MetricFamily, Registry
 
 log = logging.getLogger(__name__)
@@ -49,13 +56,31 @@ def unavailable_features(cfg: Config) -> list[str]:
     if ebpf.enabled:
         switches = [f for f in vars(ebpf) if f.startswith("collect_")]
         missing += [s for s in switches if getattr(ebpf, s) and s not in built]
-        if ebpf.namespace_filter:
-            missing.append("namespace_filter")
     if ebpf.cilium.enabled and _import_error("agent.hubble"):
         missing.append("cilium")
     if cfg.exporters.otlp.enabled and _import_error("agent.exporters.otlp"):
         missing.append("otlp")
     return missing
+
+
+def node_endpoints(cfg: Config) -> bool:
+    """Do the Hubble endpoint gauges come from the container runtime (node scope, kubernetes_enabled)?"""
+    cil = cfg.ebpf.cilium
+    return cil.enabled and cil.kubernetes_enabled and cil.flow_scope == "node"
+
+
+def wants_pods(cfg: Config) -> bool:
+    """Does the config need the node's pods (container labels, namespace_filter, node endpoints)?"""
+    ebpf = cfg.ebpf
+    return (ebpf.enabled and (ebpf.container_labels or bool(ebpf.namespace_filter))) or node_endpoints(cfg)
+
+
+def new_pods(cfg: Config) -> PodMetadata:
+    """A (not yet started) ``PodMetadata`` for ``cfg``, on the tree that keys container counters."""
+    from agent.cri.cgroups import hierarchies, key_hierarchy
+    from agent.cri.pods import PodMetadata
+
+    return PodMetadata(cfg.ebpf.container_runtime_endpoint, key_hierarchy(hierarchies()), cfg.ebpf.namespace_filter)
 
 
 class Supervised:
@@ -134,6 +159,7 @@ class IntegrationManager:
         self.cfg = cfg
         self.registry = registry
         self.filters = Filters.from_config(cfg.ebpf)
+        self.pods: Optional[PodMetadata] = None
         self.units: dict[str, Supervised] = {}
         self.unavailable = unavailable_features(cfg)
         self.prometheus: Any = None
@@ -151,7 +177,9 @@ class IntegrationManager:
         self._report_unavailable()
         if self.cfg.ebpf.enabled:
             self._prepare_host()
+        self._start_pods(self.cfg)
         with self._lock:
+            self.filters = Filters.from_config(self.cfg.ebpf, self.pods)
             self._apply_collectors(self.cfg, restart_ebpf=False)
         self.registry.register(self)
         self._start_prometheus(self.cfg)
@@ -179,7 +207,33 @@ class IntegrationManager:
         with self._lock:
             for name in list(self.units):
                 self._remove(name)
+        self._stop_pods()
         self.registry.unregister(self.name)
+
+    # -- pod metadata ----------------------------------------------------------------------------
+
+    def _start_pods(self, cfg: Config) -> None:
+        """Run the node's pod metadata when ``cfg`` wants it (outside the manager's lock: its thread
+        calls back into the manager)."""
+        if not wants_pods(cfg):
+            return
+        pods = new_pods(cfg)
+        pods.start()
+        pods.add_listener(self._pods_changed)
+        self.registry.register(pods)
+        self.pods = pods
+
+    def _stop_pods(self) -> None:
+        pods, self.pods = self.pods, None
+        if pods is not None:
+            self.registry.unregister(pods.name)
+            pods.stop()
+
+    def _pods_changed(self) -> None:
+        """The pods of namespace_filter's namespaces changed: reprogram the running collectors."""
+        with self._lock:
+            if self.filters.pods_changed():
+                self._apply_filters()
 
     # -- collectors ------------------------------------------------------------------------------
 
@@ -190,13 +244,15 @@ class IntegrationManager:
         if ebpf.enabled:
             for cls in COLLECTORS:
                 if getattr(ebpf, cls.switch):
-                    out[cls.name] = lambda cls=cls: cls(ebpf, self.filters)
+                    out[cls.name] = lambda cls=cls: cls(ebpf, self.filters, self.pods)
         if ebpf.cilium.enabled and "cilium" not in self.unavailable:
+            endpoints = self.pods if node_endpoints(cfg) else None
 
             def hubble() -> Any:
+                from agent.cri.endpoints import NodeEndpoints
                 from agent.hubble import HubbleIntegration
 
-                return HubbleIntegration(ebpf.cilium)
+                return HubbleIntegration(ebpf.cilium, NodeEndpoints(endpoints) if endpoints else None)
 
             out[HUBBLE] = hubble
         return out
@@ -300,16 +356,30 @@ class IntegrationManager:
         """Apply a validated config; what did not change keeps running (no detach, no counter reset)."""
         old = self.cfg
         changes: list[str] = []
+        new_pods = (wants_pods(old), old.ebpf.container_runtime_endpoint, node_endpoints(old)) != (
+            wants_pods(new),
+            new.ebpf.container_runtime_endpoint,
+            node_endpoints(new),
+        )
+        if new_pods:  # outside the lock: the metadata thread calls back into the manager
+            self._stop_pods()
+            self._start_pods(new)
+            changes.append("pod metadata")
+        elif self.pods is not None and old.ebpf.namespace_filter != new.ebpf.namespace_filter:
+            self.pods.set_namespaces(new.ebpf.namespace_filter)
         with self._lock:
             self.unavailable = unavailable_features(new)
             self._report_unavailable()
-            ebpf_paths = ("programs_path", "pin_path", "btf_path")
-            restart_ebpf = any(getattr(old.ebpf, k) != getattr(new.ebpf, k) for k in ebpf_paths)
+            # labels change the kernel maps' layout; collectors and Hubble hold the pod metadata
+            ebpf_keys = ("programs_path", "pin_path", "btf_path", "labels")
+            restart_ebpf = new_pods or any(getattr(old.ebpf, k) != getattr(new.ebpf, k) for k in ebpf_keys)
             if new.ebpf.enabled and not old.ebpf.enabled:
                 self._prepare_host()
+            self.filters.pods = self.pods
             if self.filters.update(new.ebpf):
                 changes.append("filters")
-            changes += self._apply_collectors(new, restart_ebpf, restart_hubble=old.ebpf.cilium != new.ebpf.cilium)
+            restart_hubble = new_pods or old.ebpf.cilium != new.ebpf.cilium
+            changes += self._apply_collectors(new, restart_ebpf, restart_hubble=restart_hubble)
             for unit in self.units.values():
                 if isinstance(unit.impl, BpfCollector):
                     unit.impl.cfg = new.ebpf
@@ -405,6 +475,14 @@ class IntegrationManager:
                 map_full.add((c.name,), c.map_full_events())
         sample = MetricFamily("tfo_agent_sample_rate_percent", Kind.GAUGE, "Configured eBPF sample_rate.")
         sample.add((), self.filters.sample_rate)
+        ns_cgroups = MetricFamily(
+            "tfo_agent_namespace_filter_cgroups",
+            Kind.GAUGE,
+            "Cgroups (every hierarchy) of the pods namespace_filter selects, as written into the kernel.",
+        )
+        with self._lock:
+            if self.filters.namespaces:
+                ns_cgroups.add((), len(self.filters.namespace_refs))
         missing = MetricFamily(
             "tfo_agent_feature_unavailable",
             Kind.GAUGE,
@@ -433,6 +511,7 @@ class IntegrationManager:
             read_errors,
             map_full,
             sample,
+            ns_cgroups,
             missing,
             ready,
             reloads,

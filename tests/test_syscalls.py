@@ -217,7 +217,7 @@ def test_cleanup_removes_pins(agent_factory: Callable[..., Agent]) -> None:
 
 
 def test_promtool_accepts_exposition(agent_factory: Callable[..., Agent], workload_src: Path, tmp_path: Path) -> None:
-    agent = agent_factory({"integrations": {"ebpf": {"namespace_filter": ["default"]}}})
+    agent = agent_factory({"integrations": {"ebpf": {"collect_dns": True}}})  # on, but not in this build
     run(named(workload_src, tmp_path, "tfoprom"), "enoent", 100)
     text = agent.scrape_text()
     assert "ebpf_syscall_errors_total" in text and "tfo_agent_feature_unavailable" in text

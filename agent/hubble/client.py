@@ -67,23 +67,32 @@ FIELD_MASK = (
 # A trickling stream costs a wake-up per message; after a wait the reader naps so that messages
 # queue up and are read in a burst (adds at most NAP of latency, nothing is lost). Naps stop (but
 # for one a second) when they gather no burst of MIN_BURST messages, so a slow host, where every
-# read takes longer than IDLE_WAIT, is not slowed further. What piles up during a nap must fit the
-# stream's HTTP/2 window, else the relay waits for the nap to end: WINDOW_BYTES_PER_FLOW bytes per
-# flow_buffer_size message (4096 -> 1 MiB, 50 ms of flows at 100k/s) keep naps from capping the rate.
+# read takes longer than IDLE_WAIT, is not slowed further. During a nap nothing reads the socket:
+# what arrives waits in the socket's receive buffer and the HTTP/2 window (both window_bytes, see
+# stream_options), and when they are full the relay waits. A nap therefore lasts as long as
+# NAP_BYTES take to arrive at the rate the stream had since the previous nap began (20 ms below
+# ~3 MB/s, ~14k flows/s; shorter above; none above NAP_BYTES/MIN_NAP, ~57k flows/s, where reads
+# come in bursts anyway). NAP_BYTES is half of Linux's default socket buffer, so naps do not cap
+# the rate even where that buffer stays the default: a nap that found it full measures a rate at
+# least twice NAP_BYTES per nap, and the next nap is at most half as long.
 IDLE_WAIT = 0.0002
 NAP = 0.02
+MIN_NAP = 0.005
+NAP_BYTES = 64 * 1024
 MIN_BURST = 8
 BATCH = 256  # flows handed to the aggregator at once (fewer when the stream pauses first)
+# The stream's receive window and socket buffer, per flow_buffer_size message (4096 -> 1 MiB): how
+# far the relay may run ahead of the agent (while it naps or aggregates) before it has to wait.
 WINDOW_BYTES_PER_FLOW = 256
 _FLOW_TAG = b"\n"  # field 1 (flow), length-delimited: how a flow GetFlowsResponse starts on the wire
 
 
 def read_in_bursts(messages: Iterable[bytes], waited: Callable[[], None] = lambda: None) -> Iterator[bytes]:
-    """Yield ``messages``; after having to wait for one, call ``waited`` and nap (NAP) so that the
+    """Yield ``messages``; after having to wait for one, call ``waited`` and nap (see NAP) so that the
     next ones pile up."""
-    clock, nap = time.monotonic, time.sleep
-    ready = last_nap = clock()
-    quick = 0  # messages that were already there when asked for, since the last nap
+    clock, sleep = time.monotonic, time.sleep
+    ready = last_nap = since = clock()  # since: when the current nap-and-read cycle began
+    quick = size = 0  # messages that were there when asked for / bytes read, this cycle
     for raw in messages:
         t = clock()
         if t - ready <= IDLE_WAIT:
@@ -91,19 +100,24 @@ def read_in_bursts(messages: Iterable[bytes], waited: Callable[[], None] = lambd
         else:
             waited()
             if quick >= MIN_BURST or t - last_nap > 1.0:
-                nap(NAP)
-                last_nap = clock()
-                quick = 0
+                nap = min(NAP, NAP_BYTES * (t - since) / size) if size else NAP
+                since, quick, size = t, 0, 0
+                if nap >= MIN_NAP:
+                    sleep(nap)
+                    last_nap = clock()
+        size += len(raw)
         yield raw
         ready = clock()
 
 
 def stream_options(window_bytes: int) -> list[tuple[str, Any]]:
-    """Channel options for reading GetFlows: the stream's receive window fixed at ``window_bytes``."""
+    """Channel options for reading GetFlows: the stream's HTTP/2 window and the socket's receive buffer
+    both ``window_bytes``, so that much may arrive while the reader naps or aggregates."""
     return [
         (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
         ("grpc.http2.lookahead_bytes", window_bytes),
         ("grpc.http2.bdp_probe", 0),  # else gRPC resizes that window from its bandwidth estimate
+        ("grpc.tcp_receive_buffer_size", window_bytes),  # else the kernel's 128 KiB until autotuning grows it
     ]
 
 

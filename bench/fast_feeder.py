@@ -1,14 +1,15 @@
-"""A fast Hubble feeder for the benchmark: GetFlows over plain HTTP/2 (h2), many messages per frame.
+"""A packed Hubble feeder for the benchmark: GetFlows over plain HTTP/2 (h2), many messages per frame.
 
-The Python grpcio server sends a message per write (~15k/s here), so a client fed by it wakes up
-once per message. A Go server (Hubble Relay) coalesces queued messages into full DATA frames; this
-feeder does the same: it answers ``/observer.Observer/GetFlows`` with the replay relay's own
-selection (``ObserverService.responses``: filters, number/first, since/until, field_mask) as
-length-prefixed gRPC messages packed into frames of the client's SETTINGS_MAX_FRAME_SIZE, within
-the flow-control windows (h2 tracks them and WINDOW_UPDATE), at full speed, then trailers with
-grpc-status 0 (with ``follow`` it holds the stream open until the client cancels, as Hubble does).
-Any other method gets UNIMPLEMENTED. Plaintext (h2c with prior knowledge, as grpcio's insecure
-channel speaks), loopback benchmark use only.
+No Hubble server sends this way: Hubble Relay and the Cilium agent's Hubble server are grpc-go
+servers, which put every message in a DATA frame of its own (bench/gofeeder is one). This feeder
+packs length-prefixed gRPC messages into frames of the client's SETTINGS_MAX_FRAME_SIZE, so the
+client handles far fewer frames: the benchmark keeps it as an upper bound only. It answers
+``/observer.Observer/GetFlows`` with the replay relay's own selection (``ObserverService.responses``:
+filters, number/first, since/until, field_mask) within the flow-control windows (h2 tracks them
+and WINDOW_UPDATE), at full speed, then trailers with grpc-status 0 (with ``follow`` it holds the
+stream open until the client cancels, as Hubble does). Any other method gets UNIMPLEMENTED.
+Plaintext (h2c with prior knowledge, as grpcio's insecure channel speaks), loopback benchmark use
+only.
 """
 
 from __future__ import annotations

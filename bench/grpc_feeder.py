@@ -18,7 +18,8 @@ import struct
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Optional
 
@@ -55,22 +56,6 @@ def build() -> Path:
     return BINARY
 
 
-def _frames(messages: Iterator[bytes], counter: list[int]) -> Iterator[bytes]:
-    """Length-prefixed messages joined into buffers of about CHUNK bytes; counts them in counter[0]."""
-    parts: list[bytes] = []
-    size = 0
-    for msg in messages:
-        parts.append(_U32.pack(len(msg)))
-        parts.append(msg)
-        size += len(msg) + 4
-        counter[0] += 1
-        if size >= CHUNK:
-            yield b"".join(parts)
-            parts, size = [], 0
-    if parts:
-        yield b"".join(parts)
-
-
 def _end(code: int = 0, message: str = "") -> bytes:
     text = message.encode()
     return _U32.pack(END) + _U32.pack(code) + _U32.pack(len(text)) + text
@@ -88,21 +73,55 @@ def _read_chunk(f: BinaryIO) -> bytes:
 
 
 class GoFeeder:
-    """Runs build/gofeeder for ``service``; ``start`` returns its host:port, ``sent`` counts messages."""
+    """Runs build/gofeeder for ``service``; ``start`` returns its host:port.
+
+    ``rate``: GetFlows messages per second (0: as fast as the client reads); may change meanwhile.
+    """
 
     def __init__(self, service: ObserverService, rate: float = 0.0) -> None:
         self.service = service
         self.rate = rate
-        self._sent = [0]
+        self.sent = 0  # GetFlows messages handed to the Go server (it buffers at most ~64 KiB of them)
+        self.address = ""
+        self.gate = threading.Event()  # GetFlows calls wait for it before their first message
+        self.gate.set()
+        self.on_first_flow: Optional[Callable[[], None]] = None  # called just before a stream's first message
+        self.flowing = threading.Event()  # cleared: GetFlows streams pause (after the message at hand)
+        self.flowing.set()
         self._dir = tempfile.TemporaryDirectory(prefix="gofeeder-")
         self._path = os.path.join(self._dir.name, "selector.sock")
         self._listener: Optional[socket.socket] = None
         self._proc: Optional[subprocess.Popen[str]] = None
 
-    @property
-    def sent(self) -> int:
-        """GetFlows messages handed to the Go server so far (it buffers at most ~64 KiB of them)."""
-        return self._sent[0]
+    def _chunks(self, messages: Iterator[bytes]) -> Iterator[bytes]:
+        """Length-prefixed messages in buffers of about CHUNK bytes; while ``rate`` is set, paced to it
+        (a buffer whenever 2 ms of messages are due, as the replay relay paces); held while paused."""
+        parts: list[bytes] = []
+        size, clock = 0, time.monotonic
+        base_t, base_n, base_rate = clock(), 0, self.rate
+        for n, msg in enumerate(messages, 1):
+            parts += (_U32.pack(len(msg)), msg)
+            size += len(msg) + 4
+            self.sent += 1
+            if not self.flowing.is_set():
+                yield b"".join(parts)
+                parts, size = [], 0
+                self.flowing.wait()
+                base_t, base_n = clock(), n
+            rate = self.rate
+            if rate != base_rate:  # changed meanwhile: pace from here
+                base_t, base_n, base_rate = clock(), n, rate
+            if rate:
+                ahead = base_t + (n - base_n) / rate - clock()
+                if ahead > 0.002:
+                    yield b"".join(parts)
+                    parts, size = [], 0
+                    time.sleep(ahead)
+            elif size >= CHUNK:
+                yield b"".join(parts)
+                parts, size = [], 0
+        if parts:
+            yield b"".join(parts)
 
     def start(self) -> str:
         """Build if needed, listen for the feeder's calls, start it; returns the gRPC address."""
@@ -112,14 +131,15 @@ class GoFeeder:
         listener.listen(64)
         self._listener = listener
         threading.Thread(target=self._accept, name="gofeeder-selector", daemon=True).start()
-        cmd = [str(binary), "-listen", "127.0.0.1:0", "-selector", self._path, "-rate", str(self.rate)]
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        cmd = [str(binary), "-listen", "127.0.0.1:0", "-selector", self._path]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
         if not line.startswith("listening "):
             self.stop()
             raise FeederError(f"gofeeder did not start: {line.strip() or 'no output'}")
-        return line.split()[1]
+        self.address = line.split()[1]
+        return self.address
 
     def stop(self) -> None:
         """Stop the Go server and the selector."""
@@ -148,7 +168,10 @@ class GoFeeder:
                 method, body = _read_chunk(f).decode(), _read_chunk(f)
                 if method == GET_FLOWS:
                     req = observer_pb2.GetFlowsRequest.FromString(body)
-                    for chunk in _frames(self.service.responses(req), self._sent):
+                    self.gate.wait()
+                    if self.on_first_flow is not None:
+                        self.on_first_flow()
+                    for chunk in self._chunks(self.service.responses(req)):
                         conn.sendall(chunk)
                     if req.follow and not req.HasField("until"):
                         conn.recv(1)  # follow: hold the stream open until the client cancels

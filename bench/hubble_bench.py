@@ -1,20 +1,32 @@
-"""Hubble benchmark: agent CPU per flow, next to receive-only and decode-only, in the same run.
+"""Hubble benchmark: agent CPU per flow from a feeder that frames like Hubble Relay, next to
+receive-only and receive+decode in the same run; whole-agent runs, scrape cost and a soak.
 
-Run: .venv/bin/python -m bench.hubble_bench [--flows 200000] [--rounds 2] [--soak SECONDS --soak-rate 5000]
+Run: .venv/bin/python -m bench.hubble_bench [--flows 200000] [--rounds 5] [--tenants 20]
+         [--feeders go,h2] [--scrapes 10] [--soak SECONDS --soak-rate 5000]
 
-This process serves demo flows (~330 bytes each, ~216 after the agent's field mask) on loopback
-with two feeders: ``grpcio``, the replay relay (a Python grpcio server, one message per write,
-20-30k flows/s here), and ``h2``, bench/fast_feeder.py (the same selection, many messages per
-HTTP/2 frame at full speed, as a Go server sends). Each measurement is a fresh child process that
-streams all flows once with the agent's own GetFlows request (follow, field_mask): ``receive``
-only iterates the raw messages, ``receive-nap`` does so the way the agent's reader does (a short
-nap after waiting, so messages are read in bursts), ``decode-nap`` also parses them, ``agent``
-runs the real HubbleIntegration (reader + aggregator, all metric groups on, cluster scope). CPU
-is read from /proc/<child>/stat (utime+stime) between the child's "ready" (imports, channel set
-up) and "done" lines, so start-up is not counted; rounds interleave all rows. ``--soak`` feeds
-the agent from the grpcio relay at a fixed rate with --loop semantics and reports CPU share,
-the rate the relay got out and RSS over time. Children inherit GRPC_EXPERIMENTS: set it empty
-to measure with grpcio's EventEngine client instead of the polling one agent.hubble picks.
+Flows: the demo flows with a namespace suffix out of ``--tenants`` per flow (~17k exposition lines
+at 20), served with the agent's own GetFlows request (follow, field_mask) by
+
+- ``go``: bench/gofeeder, a grpc-go server (one HTTP/2 DATA frame per message, frames batched into
+  socket writes, as Hubble Relay sends), built from Debian's golang packages on first use and fed
+  the replay relay's selection (bench/grpc_feeder.py). The headline feeder.
+- ``h2``: bench/fast_feeder.py, many messages packed into each DATA frame, which no Hubble server
+  does: an upper bound only.
+- ``grpcio``: the replay relay itself (a Python grpcio server, one message per write).
+
+Rows, each a fresh process streaming every flow once, rounds interleaving all rows: ``receive``
+iterates the messages (grpcio SingleThreadedUnaryStream, the agent's channel options),
+``receive-nap`` reads them as the agent's reader does (a nap after a wait), ``decode-nap`` also
+parses them, ``agent`` runs HubbleIntegration in a child process (all metric groups, cluster scope),
+``run`` is ``tfo-agent run`` (Hubble only, Prometheus on loopback scraped at the start and end,
+aggregation_window 1 s) from its first flow to its last (go feeder only). CPU is utime+stime from
+/proc; "runq" is the share of the run the process waited for a CPU (the machine's load). Every
+``run`` round is listed: the rate shows whether delivery stalled.
+
+``--scrapes N``: N scrapes of an agent holding all the flows' series, each after a window with new
+flows (the Hubble text is rendered), each followed by 4 scrapes in the same window (kept text).
+``--soak S``: ``tfo-agent run`` at defaults (cluster scope) fed ``--soak-rate`` flows/s for S
+seconds by the go feeder, scraped every 15 s; CPU share, rate and RSS every 30 s.
 """
 
 from __future__ import annotations
@@ -25,29 +37,28 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Callable
+from typing import Any
 
-from agent.hubble.client import FIELD_MASK, read_in_bursts
-from agent.hubble.demo import demo_flows
-from agent.hubble.replay import ReplayRelay, to_records
+from agent.hubble.client import FIELD_MASK, WINDOW_BYTES_PER_FLOW, read_in_bursts, stream_options
+from agent.hubble.replay import ObserverService, ReplayRelay, to_records
 from bench.fast_feeder import FastFeeder
+from bench.grpc_feeder import GoFeeder
+from bench.hubble_run import ROOT, FlowRun, cpu_times, flow_run, median, run_queue_wait, scrape_cost, soak, varied_flows
 
-ROOT = Path(__file__).resolve().parents[1]
-
-TICK = os.sysconf("SC_CLK_TCK")
 MODES = {
-    "receive": "receive only (SingleThreadedUnaryStream)",
+    "receive": "receive only",
     "receive-nap": "receive only, agent's burst reading",
     "decode-nap": "+ protobuf decode",
-    "agent": "agent: reader + aggregator, all groups",
+    "agent": "HubbleIntegration (reader + window thread)",
+    "run": "tfo-agent run, whole process",
 }
+RUN_SETTINGS = {"aggregation_window": "1s", "max_flows_per_second": 10_000_000}
+WINDOW = 4096 * WINDOW_BYTES_PER_FLOW  # the default flow_buffer_size's window
 
 
 def child(mode: str, addr: str, flows: int) -> None:
     """Runs in the measured process: stream ``flows`` flows, say ready/done on stdout."""
     import grpc
-    import grpc.experimental
 
     from agent.hubble.proto import GET_FLOWS, observer_pb2
 
@@ -55,12 +66,12 @@ def child(mode: str, addr: str, flows: int) -> None:
         from agent.config import CiliumConfig
         from agent.hubble import HubbleIntegration
 
-        cfg = CiliumConfig(
-            enabled=True, hubble_address=addr, hubble_tls_enabled=False, exclude_namespaces=(),
-            flow_scope="cluster", aggregation_window=1.0, flow_buffer_size=1_000_000,
-            max_flows_per_second=10_000_000,
+        h = HubbleIntegration(
+            CiliumConfig(
+                enabled=True, hubble_address=addr, hubble_tls_enabled=False, exclude_namespaces=(),
+                flow_scope="cluster", aggregation_window=1.0, max_flows_per_second=10_000_000,
+            )
         )  # fmt: skip
-        h = HubbleIntegration(cfg)
         print("ready", flush=True)
         h.start()
         while h.aggregator.stats.flows_processed < flows:
@@ -68,8 +79,7 @@ def child(mode: str, addr: str, flows: int) -> None:
         h.stop()
         print("done", len(h.collect()), flush=True)
     else:
-        options = [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
-        channel = grpc.insecure_channel(addr, options=options)
+        channel = grpc.insecure_channel(addr, options=stream_options(WINDOW))
         req = observer_pb2.GetFlowsRequest(follow=True)
         req.field_mask.paths.extend(FIELD_MASK)
         call = channel.unary_stream(
@@ -91,76 +101,86 @@ def child(mode: str, addr: str, flows: int) -> None:
     sys.stdin.read()  # hold still until the parent has read our CPU time
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process in seconds, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process."""
-    return sum(cpu_times(pid))
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def spawn(mode: str, addr: str, flows: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def measure(mode: str, addr: str, flows: int) -> FlowRun:
+    """One child process streaming ``flows`` flows: CPU from its "ready" to its "done"."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench.hubble_bench", "--child", mode, "--addr", addr, "--flows", str(flows)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
     )
-
-
-def measure(mode: str, addr: str, flows: int) -> tuple[float, float, float]:
-    """(CPU µs per flow, of which system µs, wall seconds) of one child streaming ``flows`` flows."""
-    proc = spawn(mode, addr, flows)
     assert proc.stdout is not None and proc.stdin is not None
     assert proc.stdout.readline().startswith("ready")
-    (u0, s0), t0 = cpu_times(proc.pid), time.monotonic()
+    (u0, s0), w0, t0 = cpu_times(proc.pid), run_queue_wait(proc.pid), time.monotonic()
     line = proc.stdout.readline()
-    (u1, s1), t1 = cpu_times(proc.pid), time.monotonic()
+    (u1, s1), w1, t1 = cpu_times(proc.pid), run_queue_wait(proc.pid), time.monotonic()
     proc.stdin.close()
     proc.wait(timeout=30)
     if not line.startswith("done"):
         raise SystemExit(f"{mode}: child failed")
-    return (u1 - u0 + s1 - s0) / flows * 1e6, (s1 - s0) / flows * 1e6, t1 - t0
+    wall = t1 - t0
+    return FlowRun((u1 - u0 + s1 - s0) / flows * 1e6, (s1 - s0) / flows * 1e6, flows / wall, flows, (w1 - w0) / wall)
 
 
-def soak(addr: str, seconds: float, sent: Callable[[], int]) -> list[tuple[float, float, float, float]]:
-    """(elapsed s, CPU share of one core, flows/s sent, RSS MiB) per interval of a running agent.
+def start_feeders(names: list[str], relay: ReplayRelay) -> dict[str, tuple[str, Any]]:
+    """name -> (address, feeder) for the feeders asked for, all serving ``relay``'s selection."""
+    out: dict[str, tuple[str, Any]] = {}
+    for name in names:
+        if name == "grpcio":
+            out[name] = (relay.start("127.0.0.1:0"), relay)
+        else:
+            feeder = GoFeeder(relay.service) if name == "go" else FastFeeder(relay.service)
+            out[name] = (feeder.start(), feeder)
+    return out
 
-    ``sent`` counts the flows the relay has handed to gRPC; HTTP/2 flow control holds the relay
-    back when the agent does not read, so its rate is the rate the agent keeps up with.
-    """
-    proc = spawn("agent", addr, 10**12)
-    assert proc.stdout is not None
-    proc.stdout.readline()
-    samples = []
-    start = last_t = time.monotonic()
-    last_cpu, last_sent = cpu_seconds(proc.pid), sent()
-    while time.monotonic() - start < seconds:
-        time.sleep(min(30.0, seconds / 10))
-        now, cpu, n = time.monotonic(), cpu_seconds(proc.pid), sent()
-        dt = now - last_t
-        samples.append((now - start, (cpu - last_cpu) / dt, (n - last_sent) / dt, rss_mib(proc.pid)))
-        last_t, last_cpu, last_sent = now, cpu, n
-    proc.kill()
-    proc.wait()
-    return samples
+
+def per_flow(feeders: dict[str, tuple[str, Any]], flows: int, rounds: int) -> dict[tuple[str, str], list[FlowRun]]:
+    """Every (feeder, mode) row ``rounds`` times, interleaved round by round."""
+    runs: dict[tuple[str, str], list[FlowRun]] = {}
+    for r in range(rounds):
+        for name, (addr, feeder) in feeders.items():
+            for mode in MODES:
+                if mode != "run":
+                    result = measure(mode, addr, flows)
+                elif isinstance(feeder, GoFeeder):
+                    result = flow_run(feeder, flows, **RUN_SETTINGS)
+                    if result.processed != flows:
+                        raise SystemExit(f"run: the agent counted {result.processed:.0f} of {flows} flows")
+                else:
+                    continue
+                runs.setdefault((name, mode), []).append(result)
+        print(f"  round {r + 1}/{rounds} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+    return runs
+
+
+def report(runs: dict[tuple[str, str], list[FlowRun]]) -> None:
+    """The per-flow table, ratios against the same feeder's receive-only row, and every run row."""
+    print(f"\n{'feeder':7} {'what the process does':43} {'µs/flow best':>12} {'median':>7} {'x receive':>9} "
+          f"{'sys':>5} {'flows/s':>8} {'runq':>5}")  # fmt: skip
+    for (feeder, mode), results in runs.items():
+        best = min(results, key=lambda r: r.cpu_us)
+        med = statistics.median(r.cpu_us for r in results)
+        base = statistics.median(r.cpu_us for r in runs[(feeder, "receive")])
+        rate = statistics.median(r.rate for r in results)
+        runq = statistics.median(r.waiting for r in results)
+        print(f"{feeder:7} {MODES[mode]:43} {best.cpu_us:12.1f} {med:7.1f} {med / base:9.2f} {best.sys_us:5.1f} "
+              f"{rate:8.0f} {runq * 100:4.0f}%")  # fmt: skip
+    for (feeder, mode), results in runs.items():
+        if mode == "run":
+            print(f"\n{feeder} feeder, tfo-agent run, every round (µs/flow, flows/s, runq):")
+            for i, r in enumerate(results, 1):
+                print(f"  round {i}: {r.cpu_us:5.1f} µs/flow ({r.sys_us:.1f} sys), {r.rate:7.0f} flows/s, "
+                      f"runq {r.waiting * 100:3.0f}%, counted {r.processed:.0f}")  # fmt: skip
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--flows", type=int, default=200_000)
-    p.add_argument("--rounds", type=int, default=1, help="repeat each measurement, report the best")
+    p.add_argument("--rounds", type=int, default=5, help="repeat every row, interleaved")
+    p.add_argument("--tenants", type=int, default=20, help="namespace variants (label variety)")
+    p.add_argument("--feeders", default="go,h2", help="go, h2, grpcio (comma-separated)")
+    p.add_argument("--scrapes", type=int, default=10, help="scrape rounds (0: none)")
     p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS")
     p.add_argument("--soak-rate", type=float, default=5000.0)
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -169,34 +189,40 @@ def main() -> int:
     if args.child:
         child(args.child, args.addr, args.flows)
         return 0
-    msgs = demo_flows(args.flows)[: args.flows]
-    size = sum(m.ByteSize() for m in msgs) / len(msgs)
+    msgs = varied_flows(args.flows, args.tenants)
+    records = to_records(msgs)
+    relay = ReplayRelay(records)
+    masked = relay.service.prepared(FIELD_MASK)  # what every feeder sends for the agent's mask
+    print(f"{len(msgs)} demo flows, {args.tenants} tenants, {sum(len(b) for b in masked) / len(masked):.0f} bytes "
+          f"each after the field mask; load average {os.getloadavg()[0]:.1f} at the start")  # fmt: skip
+    feeders = start_feeders(args.feeders.split(","), relay)
+    report(per_flow(feeders, len(msgs), args.rounds))
+    for _, feeder in feeders.values():
+        feeder.stop(0) if feeder is relay else feeder.stop()
+    looping = ObserverService(records, loop=True)
+    looping.prepared(FIELD_MASK)
+    if args.scrapes:
+        go = GoFeeder(looping)
+        go.start()
+        cost = scrape_cost(go, len(msgs), args.scrapes, kept=4)
+        go.stop()
+        print(f"\nscrape of {cost.lines} lines ({cost.size / 1e6:.1f} MB), CPU of the agent per scrape:")
+        for what, cpu, latency in (
+            ("after a window with new flows (rendered)", cost.fresh_cpu_ms, cost.fresh_latency_ms),
+            ("again in the same window (kept text)", cost.kept_cpu_ms, cost.kept_latency_ms),
+        ):
+            print(f"  {what:42} {cpu:6.1f} ms = {cpu * 1e3 / cost.lines:5.2f} µs/line; latency median "
+                  f"{median(latency):5.1f} ms, max {max(latency):5.1f} ms")  # fmt: skip
     if args.soak:
-        relay = ReplayRelay(to_records(msgs), loop=True, rate=args.soak_rate)
-        addr = relay.start("127.0.0.1:0")
-        relay.service.prepared(FIELD_MASK)
-        print(f"soak: {args.soak:.0f}s at {args.soak_rate:.0f} flows/s (loop)")
-        for t, share, rate, rss in soak(addr, args.soak, lambda: relay.service.seen):
-            print(f"  t={t:6.0f}s  cpu={share * 100:5.1f}% of one core  {rate:6.0f} flows/s  rss={rss:6.1f} MiB")
-        relay.stop(0)
-        return 0
-    relay = ReplayRelay(to_records(msgs))
-    feeders = {"h2": FastFeeder(relay.service).start(), "grpcio": relay.start("127.0.0.1:0")}
-    masked = relay.service.prepared(FIELD_MASK)  # precompute what both feeders send for the agent's mask
-    wire = sum(len(b) for b in masked) / len(masked)
-    print(f"{len(msgs)} demo flows, {size:.0f} bytes each on average, {wire:.0f} bytes after the field mask")
-    runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-    for _ in range(args.rounds):  # rounds interleave every row, so a noisy spell does not hit one row only
-        for feeder, addr in feeders.items():
-            for mode in MODES:
-                runs.setdefault((feeder, mode), []).append(measure(mode, addr, len(msgs)))
-    head = f"{'CPU µs/flow: best':>18} {'median':>7} {'of it sys':>10} {'flows/s':>9}"
-    print(f"{'feeder':7} {'what the process does':40} {head}")
-    for (feeder, mode), results in runs.items():
-        best = min(results, key=lambda r: r[0])
-        median = statistics.median(r[0] for r in results)
-        print(f"{feeder:7} {MODES[mode]:40} {best[0]:18.1f} {median:7.1f} {best[1]:10.1f} {len(msgs) / best[2]:9.0f}")
-    relay.stop(0)
+        go = GoFeeder(looping)
+        go.start()
+        print(f"\nsoak: {args.soak:.0f} s at {args.soak_rate:.0f} flows/s, scraped every 15 s, defaults, cluster scope")
+        samples, latencies = soak(go, args.soak, args.soak_rate, 15.0, 30.0)
+        go.stop()
+        for t, share, rate, rss in samples:
+            print(f"  t={t:4.0f}s  cpu={share * 100:5.1f}% of one core  {rate:6.0f} flows/s  rss={rss:6.1f} MiB")
+        print(f"  scrape latency median {median(latencies):.0f} ms, max {max(latencies, default=0):.0f} ms")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 

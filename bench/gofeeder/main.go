@@ -10,8 +10,10 @@
 //
 // and reads back the response messages as "u32 len, bytes", ended by u32 0xFFFFFFFF, u32 gRPC status
 // code, u32 len, status message. A selector that holds the stream open (follow) just stops writing;
-// when the client cancels, the selector connection is closed. With -rate the messages of GetFlows
-// are paced to that many per second (a burst whenever 2 ms are due, as the replay relay paces).
+// when the client cancels, the selector connection is closed. Each message is sent as soon as the
+// selector has written it (a paced selector paces the stream).
+//
+// The feeder exits when its standard input closes (the benchmark that started it went away).
 //
 // Build (Debian 12): GOPATH=/usr/share/gocode GO111MODULE=off go build -o build/gofeeder bench/gofeeder/main.go
 // with the golang-go and golang-google-grpc-dev packages.
@@ -26,8 +28,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"strings"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -61,7 +61,6 @@ func (rawCodec) Name() string { return "proto" }
 
 type feeder struct {
 	selector string
-	rate     float64
 }
 
 func writeChunk(w io.Writer, b []byte) error {
@@ -108,9 +107,7 @@ func (f *feeder) handle(_ interface{}, stream grpc.ServerStream) error {
 		return status.Error(codes.Unavailable, "selector went away")
 	}
 	r := bufio.NewReaderSize(sel, 64*1024)
-	pace := f.rate > 0 && strings.HasSuffix(method, "/GetFlows")
-	start := time.Now()
-	for sent := 0; ; sent++ {
+	for {
 		n, err := readU32(r)
 		if err != nil {
 			return stream.Context().Err() // cancelled: nothing to report; else the selector died
@@ -131,12 +128,6 @@ func (f *feeder) handle(_ interface{}, stream grpc.ServerStream) error {
 		if _, err := io.ReadFull(r, msg); err != nil {
 			return status.Error(codes.Unavailable, "selector went away")
 		}
-		if pace {
-			due := start.Add(time.Duration(float64(sent) / f.rate * float64(time.Second)))
-			if ahead := time.Until(due); ahead > 2*time.Millisecond {
-				time.Sleep(ahead)
-			}
-		}
 		if err := stream.SendMsg(msg); err != nil {
 			return err
 		}
@@ -146,7 +137,6 @@ func (f *feeder) handle(_ interface{}, stream grpc.ServerStream) error {
 func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "host:port to serve gRPC on (plaintext)")
 	selector := flag.String("selector", "", "unix socket of the selector that decides what to send")
-	rate := flag.Float64("rate", 0, "GetFlows messages per second (0: as fast as the client reads)")
 	flag.Parse()
 	if *selector == "" {
 		fmt.Fprintln(os.Stderr, "gofeeder: -selector is required")
@@ -158,7 +148,11 @@ func main() {
 		fmt.Fprintln(os.Stderr, "gofeeder:", err)
 		os.Exit(1)
 	}
-	f := &feeder{selector: *selector, rate: *rate}
+	go func() { // the parent's end of stdin closes when it exits: so does the feeder
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
+	}()
+	f := &feeder{selector: *selector}
 	server := grpc.NewServer(grpc.UnknownServiceHandler(f.handle))
 	fmt.Printf("listening %s\n", lis.Addr())
 	os.Stdout.Sync()

@@ -3,7 +3,8 @@
  * time in tfo_features by userspace:
  *  - syscalls: count, latency (log2 histogram, ns) and errors by errno per syscall, per CPU; with
  *    container labels (tfo_cfg.labels) counts and errors per cgroup and syscall instead of errors
- *    per syscall (syscall_cg), the histogram staying per syscall;
+ *    per syscall (syscall_cg, with a per-CPU cache in front for the counts), the histogram staying
+ *    per syscall;
  *  - file_io (file_io.bpf.h): bytes and opens on regular files, latency per operation.
  * Every syscall of every task passes here, so both share one storage lookup and one pair of clock
  * reads: the start time of the syscall in flight lives in task-local storage (ts), with the
@@ -59,10 +60,61 @@ struct syscall_cg_key {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 65536);
 	__type(key, struct syscall_cg_key);
 	__type(value, __u64);
 } syscall_cg SEC(".maps");
+
+/* The counts of syscall_cg go through a direct-mapped per-CPU cache first: a slot holds one
+ * (cgroup, syscall) and its count in one u64 (tag << CG_COUNT_BITS | count, tag = cgroup << 10 |
+ * syscall), so a repeated syscall costs an array slot instead of a hash lookup. A slot taken by
+ * another pair, or whose count would overflow, is rewritten first and its count then added to
+ * syscall_cg: userspace, reading syscall_cg and then the slots (each u64 whole), may miss a count
+ * in transit until its next read but never sees it twice. Sized to one slot when labels are off. */
+#define CG_SLOTS_BITS 12
+#define CG_COUNT_BITS 22
+#define CG_NR_BITS 10 /* MAX_SYSCALLS */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1 << CG_SLOTS_BITS);
+	__type(key, __u32);
+	__type(value, __u64);
+} syscall_cg_slots SEC(".maps");
+
+/* Count a call of syscall nr by a task of cgroup cg, at weight w. */
+static __always_inline void syscall_cg_count(__u64 cg, __u32 nr, __u32 w)
+{
+	struct syscall_cg_key key = { .cg = cg, .nr = nr };
+	__u64 tag = cg << CG_NR_BITS | nr, old, count;
+	__u32 idx = (tag * 0x9E3779B97F4A7C15ULL) >> (64 - CG_SLOTS_BITS);
+	__u64 *slot;
+
+	if (cg >> (64 - CG_COUNT_BITS - CG_NR_BITS)) { /* an id too large for a tag: to the hash */
+		tfo_counter_add(&syscall_cg, &key, w);
+		return;
+	}
+	slot = bpf_map_lookup_elem(&syscall_cg_slots, &idx);
+	if (!slot)
+		return;
+	old = *slot;
+	count = old & ((1ULL << CG_COUNT_BITS) - 1);
+	if (old >> CG_COUNT_BITS == tag && count + w < (1ULL << CG_COUNT_BITS)) {
+		*slot = old + w;
+		return;
+	}
+	if (old >> CG_COUNT_BITS == tag) { /* full: start again at 0, the whole count to the hash */
+		*slot = tag << CG_COUNT_BITS;
+		tfo_counter_add(&syscall_cg, &key, count + w);
+		return;
+	}
+	*slot = tag << CG_COUNT_BITS | w;
+	if (count) {
+		key.cg = old >> (CG_COUNT_BITS + CG_NR_BITS);
+		key.nr = (old >> CG_COUNT_BITS) & ((1 << CG_NR_BITS) - 1);
+		tfo_counter_add(&syscall_cg, &key, count);
+	}
+}
 
 /* Does sys_enter of syscall id need the first argument (file I/O on, a file syscall)? */
 static __always_inline bool wants_fd(long id)
@@ -111,11 +163,10 @@ static __always_inline int on_exit(long ret)
 		if (h)
 			tfo_hist_add(h, ns, w);
 		if (tfo_cfg.labels) {
-			struct syscall_cg_key key = { .cg = t->cg, .nr = nr };
-
-			tfo_counter_add(&syscall_cg, &key, w);
+			syscall_cg_count(t->cg, nr, w);
 			if (ret < 0 && ret >= -MAX_ERRNO) {
-				key.err = -ret;
+				struct syscall_cg_key key = { .cg = t->cg, .nr = nr, .err = -ret };
+
 				tfo_counter_add(&syscall_cg, &key, w);
 			}
 		} else if (ret < 0 && ret >= -MAX_ERRNO) {

@@ -83,17 +83,24 @@ def test_labels_attribute_syscalls_and_file_writes_to_pods(
     agent_factory: Callable[..., Agent], cri: Cri, monkeypatch: pytest.MonkeyPatch, key: str
 ) -> None:
     monkeypatch.setenv(KEY_ENV, key)
-    agent = agent_factory(config(cri.ctd))
-    shop = cri.run_pod("web-1", "shop", {"app": (30_000, 123_457)})
+    agent = agent_factory(config(cri.ctd, collect_scheduler=True, collect_memory=True))
+    # 60,000 calls overflow a cached count (2^22 - 1 weight units) once: part is handed to the hash
+    shop = cri.run_pod("web-1", "shop", {"app": (60_000, 123_457)})
     tools = cri.run_pod("web-1", "tools", {"app": (20_000, 65_536)})
     started(agent, shop, tools)
     before = agent.scrape()
     run(shop, tools)
     after = agent.scrape()
-    for pod, calls, nbytes in ((shop, 30_000, 123_457), (tools, 20_000, 65_536)):
+    for pod, calls, nbytes in ((shop, 60_000, 123_457), (tools, 20_000, 65_536)):
         got = value(after, COUNT, syscall="getppid", **of(pod)) - value(before, COUNT, syscall="getppid", **of(pod))
         assert got == calls, (pod.namespace, got, getppid_series(before), getppid_series(after))
         assert value(after, WRITES, comm="work", **of(pod)) == nbytes
+        # every per-process family has the labels: the wait for "go" (failed stat calls, sleeps)
+        assert any(
+            k[0] == "ebpf_syscall_errors_total" and {("errno", "ENOENT"), *of(pod).items()} <= k[1] for k in after
+        )
+        for family in ("ebpf_context_switches_total", "ebpf_process_runtime_seconds_total", "ebpf_page_faults_total"):
+            assert any(k[0] == family and {("comm", "work"), *of(pod).items()} <= k[1] for k in after), family
     # processes outside containers: empty pod and namespace labels
     assert any(k[0] == COUNT and dict(k[1])["pod"] == "" == dict(k[1])["namespace"] for k in after)
 

@@ -20,13 +20,15 @@ import struct
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple, Optional
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Optional
 
-from agent.collectors.labels import Attribution, HostOnly
 from agent.config import EbpfConfig
 from agent.filters import UNIT, Filters
 from agent.libbpf import BpfObject, LibbpfError, Link
 from agent.registry import MetricFamily
+
+if TYPE_CHECKING:
+    from agent.collectors.labels import Attribution
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ class BpfCollector:
 
     def __init__(self, cfg: EbpfConfig, filters: Filters, attribution: Optional[Attribution] = None) -> None:
         """``attribution`` says whose cgroups are whose, for container labels (none: all the host's)."""
+        from agent.collectors.labels import HostOnly  # labels builds on this module
+
         self.cfg = cfg
         self.filters = filters
         self.attribution: Attribution = attribution or HostOnly()

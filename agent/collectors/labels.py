@@ -24,6 +24,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
+from agent.collectors import sum_percpu_u64
 from agent.cri.index import HOST, Owner, Workload
 from agent.libbpf import BpfMap, num_possible_cpus
 
@@ -135,16 +136,6 @@ class LabelledSeries:
         return plan
 
 
-def percpu_sums(raw: bytes, m: BpfMap, count: int) -> list[int]:
-    """Sum ``count`` u64 fields of a per-CPU value over CPUs."""
-    fmt = struct.Struct(f"<{count}Q")
-    total = [0] * count
-    for off in range(0, len(raw), m.slot_size):
-        for i, v in enumerate(fmt.unpack_from(raw, off)):
-            total[i] += v
-    return total
-
-
 def percpu_value(m: BpfMap, values: list[int]) -> bytes:
     """A per-CPU value holding ``values`` on the first CPU, zeros elsewhere (userspace-owned keys)."""
     first = struct.pack(f"<{len(values)}Q", *values).ljust(m.slot_size, b"\0")
@@ -156,7 +147,7 @@ def take(m: BpfMap, entry: Entry, count: int) -> list[int]:
     increments lost between read and delete is tiny)."""
     latest = m.lookup(entry.key)
     m.delete(entry.key)
-    return percpu_sums(latest, m, count) if latest is not None else entry.values
+    return sum_percpu_u64(latest, m.slot_size, count) if latest is not None else entry.values
 
 
 def move(

@@ -7,8 +7,9 @@ histogram's count: one map, one source of truth. Syscalls are counted when they 
 The file I/O collector rides on the same hooks (``bpf/syscalls.bpf.c``, feature bits).
 
 With container labels (``integrations.ebpf.labels`` beyond ``comm``) the count and errors carry
-them too, read from ``syscall_cg`` (per cgroup, syscall and errno) under the label cap; the latency
-histogram keeps the ``syscall`` label alone (its count is the sum of the labelled counts).
+them too, read from ``syscall_cg`` (per cgroup, syscall and errno) and the per-CPU cache of counts
+in front of it (``syscall_cg_slots``) under the label cap; the latency histogram keeps the
+``syscall`` label alone (its count is the sum of the labelled counts).
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ from collections.abc import Iterable
 from typing import Optional
 
 from agent.collectors import RAW_TP, TP_BTF, TRACEPOINT, BpfCollector, log2_histogram, sum_percpu_u64
-from agent.collectors.comm_cap import OTHER, CommCap
+from agent.collectors.comm_cap import CommCap
 from agent.collectors.labels import FOLDED_CG, RETIRED_CG, Attribution, Entry, LabelledSeries, label_names, move
 from agent.collectors.syscall_table import SYSCALLS
 from agent.config import EbpfConfig
 from agent.filters import UNIT, Filters
-from agent.libbpf import BpfMap
+from agent.libbpf import BpfMap, BpfObject
 from agent.registry import Kind, MetricFamily
 
 HIST_SLOTS = 40  # TFO_HIST_SLOTS
 MIN_SLOT, MAX_SLOT = 7, 33  # 128 ns .. ~8.6 s
 NS = 1e-9
 _CG_KEY = struct.Struct("<QII")  # struct syscall_cg_key
+CG_COUNT_BITS, CG_NR_BITS = 22, 10  # syscall_cg_slots: (cgroup << 10 | nr) << 22 | count
+CG_MAPS = ("syscall_cg", "syscall_cg_slots")
 # tp_btf first: typed pointers read the syscall number and arguments without helper calls; the
 # cast build (syscalls.cast.bpf.o, kernel 6.2+) reads files without helper calls too; the compat
 # build serves kernels without task storage (before 5.11).
@@ -69,11 +72,11 @@ class SyscallsCollector(BpfCollector):
 
     @classmethod
     def pinned_maps(cls, cfg: EbpfConfig) -> tuple[str, ...]:
-        return (*cls.pinned, "syscall_cg") if cfg.container_labels else cls.pinned
+        return (*cls.pinned, *CG_MAPS) if cfg.container_labels else cls.pinned
 
     @classmethod
     def map_sizes(cls, cfg: EbpfConfig) -> dict[str, int]:
-        return {} if cfg.container_labels else {"syscall_cg": 1}
+        return {} if cfg.container_labels else dict.fromkeys(CG_MAPS, 1)
 
     def syscall_name(self, nr: int) -> str:
         return self.names.get(nr, f"syscall_{nr}")
@@ -108,7 +111,7 @@ class SyscallsCollector(BpfCollector):
             latency.add_histogram((name,), bounds, counts, weighted_sum / UNIT * NS)
         if self.labelled:
             with self._lock:
-                series = self._read_labelled(self.obj.map("syscall_cg"), self.labelled)
+                series = self._read_labelled(self.obj, self.labelled)
             for (labels, (nr, code)), n in sorted(series.items()):
                 if code:
                     errors.add((self.syscall_name(nr), self.errno_name(code), *labels), n / UNIT)
@@ -128,8 +131,12 @@ class SyscallsCollector(BpfCollector):
     def errno_name(code: int) -> str:
         return errno.errorcode.get(code, f"E{code}")
 
-    def _read_labelled(self, m: BpfMap, labelled: LabelledSeries) -> dict[tuple[tuple[str, ...], tuple[int, int]], int]:
-        """(label set, (syscall, errno)) -> weighted count; errno 0 is the call count."""
+    def _read_labelled(
+        self, obj: BpfObject, labelled: LabelledSeries
+    ) -> dict[tuple[tuple[str, ...], tuple[int, int]], int]:
+        """(label set, (syscall, errno)) -> weighted count; errno 0 is the call count. syscall_cg
+        first, then the cached counts (whose entries have no key: they stay where they are)."""
+        m = obj.map("syscall_cg")
         entries, own = [], {}
         for key, value in m.items():
             cg, nr, code = _CG_KEY.unpack(key)
@@ -138,15 +145,32 @@ class SyscallsCollector(BpfCollector):
                 own[key] = e.values
             if cg != FOLDED_CG:
                 entries.append(e)
+        entries += cached_counts(obj.map("syscall_cg_slots"))
         plan = labelled.plan(entries, time.monotonic())
         for e in plan.drop:
-            m.delete(e.key)
-        move(m, plan.retire, 1, lambda e: _CG_KEY.pack(RETIRED_CG, *e.sub), own)
-        own.update(move(m, plan.fold, 1, lambda e: _CG_KEY.pack(FOLDED_CG, *e.sub), own))
+            if e.key:
+                m.delete(e.key)
+        move(m, [e for e in plan.retire if e.key], 1, lambda e: _CG_KEY.pack(RETIRED_CG, *e.sub), own)
+        own.update(move(m, [e for e in plan.fold if e.key], 1, lambda e: _CG_KEY.pack(FOLDED_CG, *e.sub), own))
         out = {(labels, sub): values[0] for (labels, sub), values in plan.series.items()}
-        other = tuple(OTHER for _ in labelled.names)
         for key, values in own.items():
             cg, nr, code = _CG_KEY.unpack(key)
             if cg == FOLDED_CG:
-                out[(other, (nr, code))] = values[0]
+                out[(labelled.other, (nr, code))] = values[0]
+        for e in plan.fold:
+            if not e.key:
+                k = (labelled.other, e.sub)
+                out[k] = out.get(k, 0) + e.values[0]
         return out  # type: ignore[return-value]
+
+
+def cached_counts(slots: BpfMap) -> list[Entry]:
+    """The counts in syscall_cg_slots, one entry per CPU and slot in use (``key`` empty)."""
+    out = []
+    mask = (1 << CG_COUNT_BITS) - 1
+    for _, value in slots.items():
+        for (v,) in struct.iter_unpack("<Q", value):
+            if v & mask:
+                tag = v >> CG_COUNT_BITS
+                out.append(Entry(b"", tag >> CG_NR_BITS, "", (tag & ((1 << CG_NR_BITS) - 1), 0), [v & mask]))
+    return out

@@ -87,10 +87,14 @@ WINDOW_BYTES_PER_FLOW = 256
 _FLOW_TAG = b"\n"  # field 1 (flow), length-delimited: how a flow GetFlowsResponse starts on the wire
 
 
-def read_in_bursts(messages: Iterable[bytes], waited: Callable[[], None] = lambda: None) -> Iterator[bytes]:
+def read_in_bursts(
+    messages: Iterable[bytes],
+    waited: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[bytes]:
     """Yield ``messages``; after having to wait for one, call ``waited`` and nap (see NAP) so that the
     next ones pile up."""
-    clock, sleep = time.monotonic, time.sleep
     ready = last_nap = since = clock()  # since: when the current nap-and-read cycle began
     quick = size = 0  # messages that were there when asked for / bytes read, this cycle
     for raw in messages:

@@ -76,11 +76,14 @@ class GoFeeder:
     """Runs build/gofeeder for ``service``; ``start`` returns its host:port.
 
     ``rate``: GetFlows messages per second (0: as fast as the client reads); may change meanwhile.
+    ``repeat``: send the selection over and over, as recorded (the replay relay's loop shifts every
+    pass in time, re-encoding each message: too slow for this process to keep a paced soak going).
     """
 
-    def __init__(self, service: ObserverService, rate: float = 0.0) -> None:
+    def __init__(self, service: ObserverService, rate: float = 0.0, repeat: bool = False) -> None:
         self.service = service
         self.rate = rate
+        self.repeat = repeat
         self.sent = 0  # GetFlows messages handed to the Go server (it buffers at most ~64 KiB of them)
         self.address = ""
         self.gate = threading.Event()  # GetFlows calls wait for it before their first message
@@ -122,6 +125,15 @@ class GoFeeder:
                 parts, size = [], 0
         if parts:
             yield b"".join(parts)
+
+    def _selection(self, req: observer_pb2.GetFlowsRequest) -> Iterator[bytes]:
+        """What a GetFlows call gets: the service's answer, over and over with ``repeat``."""
+        if not self.repeat:
+            yield from self.service.responses(req)
+            return
+        once = list(self.service.responses(req))
+        while once:
+            yield from once
 
     def start(self) -> str:
         """Build if needed, listen for the feeder's calls, start it; returns the gRPC address."""
@@ -171,7 +183,7 @@ class GoFeeder:
                     self.gate.wait()
                     if self.on_first_flow is not None:
                         self.on_first_flow()
-                    for chunk in self._chunks(self.service.responses(req)):
+                    for chunk in self._chunks(self._selection(req)):
                         conn.sendall(chunk)
                     if req.follow and not req.HasField("until"):
                         conn.recv(1)  # follow: hold the stream open until the client cancels

@@ -26,7 +26,8 @@ aggregation_window 1 s) from its first flow to its last (go feeder only). CPU is
 ``--scrapes N``: N scrapes of an agent holding all the flows' series, each after a window with new
 flows (the Hubble text is rendered), each followed by 4 scrapes in the same window (kept text).
 ``--soak S``: ``tfo-agent run`` at defaults (cluster scope) fed ``--soak-rate`` flows/s for S
-seconds by the go feeder, scraped every 15 s; CPU share, rate and RSS every 30 s.
+seconds by the go feeder, scraped every 15 s; CPU share, rate and RSS every 30 s. Scrape rounds
+and the soak repeat the flows as recorded once they run out (the agent counts them again).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import time
 from typing import Any
 
 from agent.hubble.client import FIELD_MASK, WINDOW_BYTES_PER_FLOW, read_in_bursts, stream_options
-from agent.hubble.replay import ObserverService, ReplayRelay, to_records
+from agent.hubble.replay import ReplayRelay, to_records
 from bench.fast_feeder import FastFeeder
 from bench.grpc_feeder import GoFeeder
 from bench.hubble_run import ROOT, FlowRun, cpu_times, flow_run, median, run_queue_wait, scrape_cost, soak, varied_flows
@@ -199,10 +200,8 @@ def main() -> int:
     report(per_flow(feeders, len(msgs), args.rounds))
     for _, feeder in feeders.values():
         feeder.stop(0) if feeder is relay else feeder.stop()
-    looping = ObserverService(records, loop=True)
-    looping.prepared(FIELD_MASK)
     if args.scrapes:
-        go = GoFeeder(looping)
+        go = GoFeeder(relay.service, repeat=True)
         go.start()
         cost = scrape_cost(go, len(msgs), args.scrapes, kept=4)
         go.stop()
@@ -214,13 +213,14 @@ def main() -> int:
             print(f"  {what:42} {cpu:6.1f} ms = {cpu * 1e3 / cost.lines:5.2f} µs/line; latency median "
                   f"{median(latency):5.1f} ms, max {max(latency):5.1f} ms")  # fmt: skip
     if args.soak:
-        go = GoFeeder(looping)
+        go = GoFeeder(relay.service, repeat=True)
         go.start()
         print(f"\nsoak: {args.soak:.0f} s at {args.soak_rate:.0f} flows/s, scraped every 15 s, defaults, cluster scope")
         samples, latencies = soak(go, args.soak, args.soak_rate, 15.0, 30.0)
         go.stop()
-        for t, share, rate, rss in samples:
-            print(f"  t={t:4.0f}s  cpu={share * 100:5.1f}% of one core  {rate:6.0f} flows/s  rss={rss:6.1f} MiB")
+        for t, share, rate, rss, runq in samples:
+            print(f"  t={t:4.0f}s  cpu={share * 100:5.1f}% of one core  {rate:6.0f} flows/s  rss={rss:6.1f} MiB  "
+                  f"runq={runq * 100:3.0f}%")  # fmt: skip
         print(f"  scrape latency median {median(latencies):.0f} ms, max {max(latencies, default=0):.0f} ms")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0

@@ -254,10 +254,10 @@ def scrape_cost(feeder: GoFeeder, flows: int, rounds: int, kept: int, window: fl
 
 def soak(
     feeder: GoFeeder, seconds: float, rate: float, scrape_every: float, report_every: float
-) -> tuple[list[tuple[float, float, float, float]], list[float]]:
+) -> tuple[list[tuple[float, float, float, float, float]], list[float]]:
     """An agent at defaults (cluster scope) fed ``rate`` flows/s for ``seconds``, scraped every
-    ``scrape_every`` s: (elapsed s, CPU share of one core, flows/s sent, RSS MiB) per
-    ``report_every`` s, and the scrapes' latencies (ms)."""
+    ``scrape_every`` s: (elapsed s, CPU share of one core, flows/s sent, RSS MiB, share of the time
+    its threads waited for a CPU) per ``report_every`` s, and the scrapes' latencies (ms)."""
     stop = threading.Event()
     latencies: list[float] = []
     feeder.rate = rate
@@ -273,13 +273,14 @@ def soak(
         thread = threading.Thread(target=scraper, daemon=True)
         thread.start()
         start = last_t = time.monotonic()
-        last_cpu, last_sent = cpu_seconds(agent.pid), feeder.sent
+        last_cpu, last_sent, last_wait = cpu_seconds(agent.pid), feeder.sent, run_queue_wait(agent.pid)
         while len(samples) * report_every < seconds - 1e-6:
             time.sleep(max(0.0, start + (len(samples) + 1) * report_every - time.monotonic()))
-            now, cpu, n = time.monotonic(), cpu_seconds(agent.pid), feeder.sent
+            now, cpu, n, wait = time.monotonic(), cpu_seconds(agent.pid), feeder.sent, run_queue_wait(agent.pid)
             dt = now - last_t
-            samples.append((now - start, (cpu - last_cpu) / dt, (n - last_sent) / dt, rss_mib(agent.pid)))
-            last_t, last_cpu, last_sent = now, cpu, n
+            share, rate_out, runq = (cpu - last_cpu) / dt, (n - last_sent) / dt, (wait - last_wait) / dt
+            samples.append((now - start, share, rate_out, rss_mib(agent.pid), runq))
+            last_t, last_cpu, last_sent, last_wait = now, cpu, n, wait
         stop.set()
         thread.join()
     return samples, latencies

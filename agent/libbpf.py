@@ -202,7 +202,31 @@ class BpfMap:
             if value is not None:
                 yield key, value
 
+    def values(self) -> bytes:
+        """Every value, concatenated in key order (``read_size`` bytes each): an array in one read."""
+        if self._batch_ok:
+            try:
+                return b"".join(vraw[: n * self.read_size] for _, vraw, n in self._batches())
+            except LibbpfError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                self._batch_ok = False
+        return b"".join(v for _, v in self.items())
+
     def _items_batched(self) -> Iterator[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        for kraw, vraw, n in self._batches():
+            for i in range(n):
+                out.append(
+                    (
+                        kraw[i * self.key_size : (i + 1) * self.key_size],
+                        vraw[i * self.read_size : (i + 1) * self.read_size],
+                    )
+                )
+        yield from out
+
+    def _batches(self) -> list[tuple[bytes, bytes, int]]:
+        """(keys, values, count) of each lookup_batch call over the whole map."""
         L = lib().lib
         chunk = max(1, min(self.max_entries, 4096))
         keys = ctypes.create_string_buffer(self.key_size * chunk)
@@ -211,7 +235,7 @@ class BpfMap:
         token_out = ctypes.create_string_buffer(max(8, self.key_size))
         opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
         first = True
-        out: list[tuple[bytes, bytes]] = []
+        out: list[tuple[bytes, bytes, int]] = []
         while True:
             count = ctypes.c_uint32(chunk)
             rc = L.bpf_map_lookup_batch(
@@ -220,19 +244,12 @@ class BpfMap:
             err = ctypes.get_errno() if rc != 0 else 0
             if rc != 0 and err != errno.ENOENT:
                 raise lib().error(f"batch read of map {self.name}")
-            kraw, vraw = keys.raw, values.raw
-            for i in range(count.value):
-                out.append(
-                    (
-                        kraw[i * self.key_size : (i + 1) * self.key_size],
-                        vraw[i * self.read_size : (i + 1) * self.read_size],
-                    )
-                )
+            out.append((keys.raw, values.raw, count.value))
             if rc != 0:  # ENOENT: that was the last batch
                 break
             ctypes.memmove(token_in, token_out, len(token_in))
             first = False
-        yield from out
+        return out
 
 
 class Link:

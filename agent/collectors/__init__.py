@@ -321,13 +321,11 @@ class BpfCollector:
 
 
 def sum_percpu_u64(value: bytes, slot_size: int, count: int) -> list[int]:
-    """Sum ``count`` u64 fields of a per-CPU value across CPUs."""
-    fmt = struct.Struct(f"<{count}Q")
-    total = [0] * count
-    for off in range(0, len(value), slot_size):
-        for i, v in enumerate(fmt.unpack_from(value, off)):
-            total[i] += v
-    return total
+    """Sum ``count`` u64 fields of a per-CPU value (one ``slot_size`` slot, 8-byte aligned, per CPU)
+    across CPUs, in native byte order as the kernel keeps them."""
+    words = memoryview(value).cast("Q")
+    stride = slot_size // 8
+    return [sum(words[i::stride]) for i in range(count)]
 
 
 def log2_histogram(

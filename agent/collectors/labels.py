@@ -105,11 +105,18 @@ class LabelledSeries:
         now = time.monotonic()
         rows: list[tuple[Entry, tuple[str, ...], Owner]] = []
         live: set[tuple[str, ...]] = set()
+        owners: dict[int, Optional[Owner]] = {RETIRED_CG: Owner(HOST, "", 0.0)}
+        label_sets: dict[tuple[str, Workload], tuple[str, ...]] = {}
         for e in entries:
-            owner = Owner(HOST, "", 0.0) if e.cg == RETIRED_CG else self.attribution.owner(e.cg, seen_before)
+            if e.cg in owners:
+                owner = owners[e.cg]
+            else:
+                owner = owners[e.cg] = self.attribution.owner(e.cg, seen_before)
             if owner is None:
                 continue  # a container the runtime has not named yet: at the next read
-            labels = self.label_set(e.comm, owner.workload)
+            labels = label_sets.get((e.comm, owner.workload))
+            if labels is None:
+                labels = label_sets[(e.comm, owner.workload)] = self.label_set(e.comm, owner.workload)
             rows.append((e, labels, owner))
             if owner.instance and not owner.gone_at:
                 live.add(labels)

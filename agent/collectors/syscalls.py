@@ -19,6 +19,7 @@ import platform
 import struct
 import threading
 import time
+from array import array
 from collections.abc import Iterable
 from typing import Optional
 
@@ -166,11 +167,12 @@ class SyscallsCollector(BpfCollector):
 
 def cached_counts(slots: BpfMap) -> list[Entry]:
     """The counts in syscall_cg_slots, one entry per CPU and slot in use (``key`` empty)."""
-    out = []
     mask = (1 << CG_COUNT_BITS) - 1
-    for _, value in slots.items():
-        for (v,) in struct.iter_unpack("<Q", value):
-            if v & mask:
-                tag = v >> CG_COUNT_BITS
-                out.append(Entry(b"", tag >> CG_NR_BITS, "", (tag & ((1 << CG_NR_BITS) - 1), 0), [v & mask]))
+    words = array("Q")
+    words.frombytes(slots.values())
+    out = []
+    for v in words:
+        if v & mask:
+            tag = v >> CG_COUNT_BITS
+            out.append(Entry(b"", tag >> CG_NR_BITS, "", (tag & ((1 << CG_NR_BITS) - 1), 0), [v & mask]))
     return out

@@ -14,6 +14,7 @@ kernel gives it (``/proc/<pid>/cgroup``'s first field; cgroup ids are per hierar
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class CgroupRef:
         return bool(self.pod_uid or self.container_id)
 
 
+@functools.lru_cache(maxsize=65536)
 def parse_path(path: str) -> CgroupRef:
     """The pod UID and container ID of a cgroup path (relative to its hierarchy's root); a cgroup
     below a container's (one the container made) is the container's."""
@@ -119,15 +121,23 @@ def key_hierarchy(trees: list[Hierarchy]) -> Optional[Hierarchy]:
 
 
 def scan(tree: Hierarchy) -> dict[int, str]:
-    """Every cgroup of a tree: inode number (the kernel's cgroup id) -> path from the tree's root."""
-    out: dict[int, str] = {}
-    for dirpath, dirnames, _ in os.walk(tree.mount):
-        rel = dirpath[len(tree.mount) :] or "/"
+    """Every cgroup of a tree: inode number (the kernel's cgroup id) -> path from the tree's root.
+    Directory entries carry the inode numbers, so this reads directories and stats nothing."""
+    try:
+        out = {os.stat(tree.mount).st_ino: "/"}
+    except OSError:
+        return {}
+    stack = [(tree.mount, "")]
+    while stack:
+        path, rel = stack.pop()
         try:
-            out[os.stat(dirpath).st_ino] = rel
-        except OSError:
+            entries = list(os.scandir(path))
+        except OSError:  # removed meanwhile
             continue
-        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                out[e.inode()] = f"{rel}/{e.name}"
+                stack.append((e.path, f"{rel}/{e.name}"))
     return out
 
 

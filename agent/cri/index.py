@@ -2,9 +2,9 @@
 
 ``CgroupIndex`` maps the kernel's cgroup ids (inode numbers) to what their paths say (pod UID,
 container ID), rescanning the tree when it changed (``changed``: a cheap look at the kernel's
-count of cgroups) or when asked about an id it does not know. Ids that disappear are kept for a
-while with the time they were found gone, so counters of a container that just ended can still be
-told apart from the host's.
+count of cgroups) or when asked about an id it does not know, at most once a second. Ids that
+disappear are kept for a while with the time they were found gone, so counters of a container
+that just ended can still be told apart from the host's.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Optional
 from agent.cri.cgroups import PROC_CGROUPS, CgroupRef, Hierarchy, parse_path, scan
 
 GONE_KEEP_SECONDS = 3600.0  # how long a gone cgroup is remembered
+MIN_RESCAN_SECONDS = 1.0  # the tree is read at most this often (a big tree costs milliseconds)
 
 
 @dataclass(frozen=True)
@@ -70,18 +71,24 @@ class CgroupIndex:
         self._known: dict[int, Known] = {}
         self._lock = threading.Lock()
         self._generation: Optional[str] = None
+        self._dirty = True
         self._scanned_at = 0.0
 
-    def changed(self) -> bool:
-        """True (once) when cgroups were created or removed on the tree since the last look."""
+    def rescan_if_changed(self) -> bool:
+        """Rescan when cgroups were created or removed on the tree since the last scan (and that
+        was long enough ago); True when it did."""
         gen = tree_generation(self.tree)
-        if gen == self._generation:
+        if gen != self._generation:
+            self._generation, self._dirty = gen, True
+        if not self._dirty or time.monotonic() - self._scanned_at < MIN_RESCAN_SECONDS:
             return False
-        self._generation = gen
+        self.rescan()
         return True
 
     def rescan(self) -> None:
         """Read the tree again; ids no longer there are marked gone."""
+        started = time.monotonic()
+        self._dirty = False
         paths = scan(self.tree)
         now = time.monotonic()
         with self._lock:
@@ -94,17 +101,20 @@ class CgroupIndex:
                 elif now - old.gone_at < GONE_KEEP_SECONDS:
                     known[cg] = old
             self._known = known
-            self._scanned_at = now
+            self._scanned_at = started
 
-    def get(self, cg: int, seen_before: float) -> Known:
-        """What ``cg`` is. An id not found by a scan made after ``seen_before`` (a monotonic time at
-        which the id was already in use: the end of the map read that found it) is a cgroup that
-        came and went unseen: taken as the host's, gone. A miss rescans the tree at most once per
-        read (the next misses of the same read find the scan recent enough)."""
+    def get(self, cg: int, seen_before: float) -> Optional[Known]:
+        """What ``cg`` is. An id not found by a scan started after ``seen_before`` (a monotonic
+        time at which the id was already in use: the end of the map read that found it) is a
+        cgroup that came and went unseen: taken as the host's, gone. A miss rescans the tree
+        (once per read: the next misses find the scan recent); None when the last scan is too
+        recent to repeat and too old to tell: ask at the next read."""
         with self._lock:
             hit = self._known.get(cg)
             scanned_at = self._scanned_at
         if hit is None and scanned_at < seen_before:
+            if time.monotonic() - scanned_at < MIN_RESCAN_SECONDS:
+                return None
             self.rescan()
             with self._lock:
                 hit = self._known.get(cg)

@@ -93,6 +93,8 @@ class PodMetadata:
 
     def start(self) -> None:
         """First look at once (so that filters and labels start right), then keep fresh in a thread."""
+        if self.index is not None:
+            self.index.rescan()
         self._refresh(cgroups_changed=True)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="cri-metadata", daemon=True)
@@ -114,7 +116,7 @@ class PodMetadata:
     def _run(self) -> None:
         last = time.monotonic()
         while not self._stop.wait(POLL_SECONDS):
-            changed = self.index.changed() if self.index else False
+            changed = self.index.rescan_if_changed() if self.index else False
             asked = self._wake.is_set()
             if changed or asked or time.monotonic() - last >= REFRESH_SECONDS:
                 self._wake.clear()
@@ -124,10 +126,11 @@ class PodMetadata:
     # -- refresh -----------------------------------------------------------------------------------
 
     def _refresh(self, cgroups_changed: bool) -> None:
-        if self.index is not None and cgroups_changed:
-            self.index.rescan()
+        """Ask the runtime; the namespaces' cgroups are looked up again (every tree) only when the
+        cgroups or the runtime's answer changed."""
+        before = self.snapshot
         self._ask_runtime()
-        if self.namespaces or self._ns_cgroups:
+        if (self.namespaces or self._ns_cgroups) and (cgroups_changed or self.snapshot != before):
             self._update_namespace_cgroups()
 
     def _ask_runtime(self) -> None:
@@ -216,6 +219,8 @@ class PodMetadata:
         if self.index is None:
             return Owner(HOST, "", 0.0)
         known = self.index.get(cg, seen_before)
+        if known is None:
+            return None
         ref = known.ref
         if not ref.in_container:
             return Owner(HOST, "", known.gone_at)

@@ -76,7 +76,7 @@ def hubble_families() -> list[MetricFamily]:
 
 def test_text_is_what_prometheus_client_writes() -> None:
     fams = awkward_families() + hubble_families()
-    assert Exposition().text(fams) == reference(fams)
+    assert b"".join(Exposition().render(fams)) == reference(fams)
 
 
 def test_static_families_are_rendered_once_per_object() -> None:
@@ -84,13 +84,13 @@ def test_static_families_are_rendered_once_per_object() -> None:
     live.add(("a",), 1)
     kept.add(("a",), 1)
     exposition = Exposition()
-    first = exposition.text([live, kept])
+    first = b"".join(exposition.render([live, kept]))
     live.samples[0] = kept.samples[0] = Sample(("a",), 2)  # a source may not do this to a static family...
-    second = exposition.text([live, kept])
+    second = b"".join(exposition.render([live, kept]))
     assert first.count(b"} 1.0") == 2
     assert b'l{k="a"} 2.0' in second and b's{k="a"} 1.0' in second  # ...so its old text is served
     replaced = MetricFamily("s", Kind.GAUGE, "g", ("k",), [Sample(("a",), 3)], static=True)
-    assert b's{k="a"} 3.0' in exposition.text([live, replaced])  # a new object: rendered again
+    assert b's{k="a"} 3.0' in b"".join(exposition.render([live, replaced]))  # a new object: rendered again
 
 
 # The seed names this gauge; promtool's naming lint reserves _count for histograms and summaries.
@@ -98,7 +98,7 @@ SEED_NAME_REMARK = 'hubble_endpoint_count non-histogram and non-summary metrics 
 
 
 def test_promtool_accepts_the_hubble_exposition() -> None:
-    text = Exposition().text(hubble_families())
+    text = b"".join(Exposition().render(hubble_families()))
     res = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert res.stdout.decode().strip() == ""
     assert res.stderr.decode().splitlines() == [SEED_NAME_REMARK]  # parses; no remark but the seed name's

@@ -17,14 +17,18 @@ from prometheus_client.utils import floatToGoString
 
 from agent.registry import HistogramSample, Kind, MetricFamily, Sample
 
+CHUNK_LINES = 256  # ~60 KB of Hubble lines: below glibc's 128 KiB mmap threshold
+
 
 def _escape(value: str) -> str:
     """A label value as the text format quotes it."""
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def render(fam: MetricFamily) -> str:
-    """One family in the text format: HELP, TYPE, then a line per sample."""
+def render(fam: MetricFamily) -> list[bytes]:
+    """One family in the text format (HELP, TYPE, then a line per sample), in chunks of at most
+    CHUNK_LINES lines: no buffer grows to the size of a big family, so the allocator keeps reusing
+    the same small blocks instead of the heap growing around multi-megabyte ones."""
     name = fam.name + "_total" if fam.kind is Kind.COUNTER else fam.name
     help_text = fam.help.replace("\\", r"\\").replace("\n", r"\n")
     out = [f"# HELP {name} {help_text}\n# TYPE {name} {fam.kind.value}\n"]
@@ -48,7 +52,7 @@ def render(fam: MetricFamily) -> str:
             out.append(f'{bucket}"+Inf"{tail}}} {count}\n')
             braces = f"{{{labels}}}" if labels else ""
             out.append(f"{fam.name}_count{braces} {count}\n{fam.name}_sum{braces} {num(s.sum)}\n")
-        return "".join(out)
+        return _chunks(out)
     for s in fam.samples:
         assert isinstance(s, Sample)
         if keys:
@@ -56,32 +60,37 @@ def render(fam: MetricFamily) -> str:
             out.append(f"{name}{{{labels}}} {num(s.value)}\n")
         else:
             out.append(f"{name} {num(s.value)}\n")
-    return "".join(out)
+    return _chunks(out)
+
+
+def _chunks(lines: list[str]) -> list[bytes]:
+    return ["".join(lines[i : i + CHUNK_LINES]).encode() for i in range(0, len(lines), CHUNK_LINES)]
 
 
 class Exposition:
     """Renders scrapes; remembers the text of static families (by object) until they are replaced."""
 
     def __init__(self) -> None:
-        self._static: dict[str, tuple[MetricFamily, bytes]] = {}
+        self._static: dict[str, tuple[MetricFamily, list[bytes]]] = {}
         self._lock = threading.Lock()
 
-    def text(self, families: Iterable[MetricFamily]) -> bytes:
-        """The exposition of ``families``, in their order."""
-        parts, seen = [], set()
+    def render(self, families: Iterable[MetricFamily]) -> list[bytes]:
+        """The exposition of ``families``, in their order, as chunks to write one after the other."""
+        parts: list[bytes] = []
+        seen = set()
         for fam in families:
             if not fam.static:
-                parts.append(render(fam).encode())
+                parts += render(fam)
                 continue
             seen.add(fam.name)
             with self._lock:
                 kept = self._static.get(fam.name)
             if kept is None or kept[0] is not fam:
-                kept = (fam, render(fam).encode())
+                kept = (fam, render(fam))
                 with self._lock:
                     self._static[fam.name] = kept
-            parts.append(kept[1])
+            parts += kept[1]
         with self._lock:  # forget families no source hands out any more
             for name in self._static.keys() - seen:
                 del self._static[name]
-        return b"".join(parts)
+        return parts

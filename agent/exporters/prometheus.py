@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -75,14 +75,14 @@ class PrometheusExporter:
             "Basic " + base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode() if auth.enabled else ""
         )
 
-    def render(self) -> bytes:
-        """The /metrics body: every source read now (Hubble's families as of their last window)."""
+    def render(self) -> list[bytes]:
+        """The /metrics body, in chunks: every source read now (Hubble's families as of their last window)."""
         start = time.monotonic()
         scrape = MetricFamily(
             "tfo_agent_scrape_duration_seconds", Kind.GAUGE, "Time the previous scrape took to read every source."
         )
         scrape.add((), self.last_duration)
-        body = self.exposition.text([*self.registry.collect(), scrape])
+        body = self.exposition.render([*self.registry.collect(), scrape])
         self.last_duration = time.monotonic() - start
         return body
 
@@ -128,12 +128,14 @@ class PrometheusExporter:
                 else:
                     self._send(404, "text/plain", b"not found\n")
 
-            def _send(self, code: int, ctype: str, body: bytes) -> None:
+            def _send(self, code: int, ctype: str, body: Union[bytes, list[bytes]]) -> None:
+                chunks = [body] if isinstance(body, bytes) else body
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(sum(map(len, chunks))))
                 self.end_headers()
-                self.wfile.write(body)
+                for chunk in chunks:
+                    self.wfile.write(chunk)
 
             def log_message(self, format: str, *args: object) -> None:
                 log.debug("http: " + format, *args)

@@ -1,16 +1,25 @@
 """Verify the fleet rollout on the molecule VMs (pytest-testinfra over molecule's inventory).
 
-Hosts: tfo-k8s-node-1 (k8s_nodes), tfo-bm-1 (bare_metal) and tfo-bm-nobtf (bare_metal, whose
-btf_path points at a missing file, so preflight must refuse it and leave it untouched).
+Hosts: tfo-k8s-node-1 (k8s_nodes), tfo-bm-1, tfo-bm-510, tfo-bm-612 (bare_metal; Debian 12's
+6.1 kernel, Debian 11's 5.10 and Debian 13's 6.12 on the same userland) and tfo-bm-nobtf
+(bare_metal, whose btf_path points at a missing file, so preflight must refuse it and leave it
+untouched).
+
+On every installed host the agent's counters are compared with workloads of known size and the
+kernel's own accounting (``workload.py``): TCP and UDP bytes and packets over loopback, getppid
+calls, file bytes written and read. The figures are written to
+``$MOLECULE_EPHEMERAL_DIRECTORY/accuracy.jsonl`` and printed at the end of the run (conftest.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +35,21 @@ REPO = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 ROLE_DEFAULTS: dict[str, Any] = yaml.safe_load((REPO / "roles/tfo_agent/defaults/main.yml").read_text())
 CONFIG = "/etc/tfo-agent/config.yaml"
 SAMPLE = re.compile(r"^ebpf_syscall_count_total(\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+
+ACCURACY_LOG = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/tmp")) / "accuracy.jsonl"
+WORKLOAD = Path(__file__).with_name("workload.py")
+SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)", re.MULTILINE)
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+SSH_OPTS += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+# Workload sizes: large enough that the host's background (sshd carrying the workload's own
+# session, journald, the scrapes) stays inside the tolerances below, which a zero, halved or
+# doubled count cannot meet.
+TCP_BYTES = 32 * 1024 * 1024
+UDP_DATAGRAMS, UDP_SIZE = 4096, 1024
+GETPPID_CALLS = 200_000
+FILE_BYTES = 16 * 1024 * 1024
+WORKLOAD_COMM = "tfo-verify"  # workload.py renames itself to this for the per-process series
 
 testinfra_hosts = INSTALLED
 
@@ -191,6 +215,188 @@ def test_config_validates_on_host(host: Any) -> None:
     with host.sudo():
         result = host.run(f"tfo-agent config validate {CONFIG}")
     assert result.rc == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ counts against the kernel's
+
+
+def metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of /metrics: {(name, {(label, value)…}): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as resp:
+        body = resp.read().decode()
+    return {
+        (name, frozenset(LABEL.findall(labels or ""))): float(value) for name, labels, value in SERIES.findall(body)
+    }
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def collector_state(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> str:
+    """What the agent says about its collectors (up, and the failure reasons), for failure messages."""
+    up = sorted(
+        dict(k[1])["collector"] + "=" + f"{v:.0f}" for k, v in samples.items() if k[0] == "tfo_agent_collector_up"
+    )
+    failed = sorted(
+        f"{d['collector']}: {d['reason']}"
+        for d in (dict(k[1]) for k in samples if k[0] == "tfo_agent_collector_failure_info")
+    )
+    return f"collector_up {', '.join(up) or 'none'}; failures: {'; '.join(failed) or 'none'}"
+
+
+def wait_metrics(port: int, timeout: float = 120) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    deadline = time.monotonic() + timeout
+    while True:  # the agent may still be loading its programs after the bpffs test restarted it
+        try:
+            return metrics(port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+
+
+def run_workload(name: str, *args: object) -> dict[str, Any]:
+    """workload.py on the VM over plain SSH (no module upload: the less background traffic the better)."""
+    vm = instance(name)
+    cmd = ["ssh", *SSH_OPTS, "-i", vm["identity_file"], "-p", str(vm["port"]), f"{vm['user']}@{vm['address']}"]
+    cmd += ["python3", "-", *(str(a) for a in args)]
+    with WORKLOAD.open() as script:
+        out = subprocess.run(cmd, stdin=script, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, f"workload {args} on {name} failed: {out.stdout[-2000:]} {out.stderr[-2000:]}"
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+@dataclass
+class Run:
+    """One workload on one host: its report and /metrics right before and after."""
+
+    name: str
+    kernel: str
+    workload: str
+    result: dict[str, Any]
+    before: dict[tuple[str, frozenset[tuple[str, str]]], float]
+    after: dict[tuple[str, frozenset[tuple[str, str]]], float]
+    seconds: float
+
+
+RUNS: dict[tuple[str, str], Run] = {}
+
+
+def workload(host: Any, mode: str, *args: object) -> Run:
+    """Run ``workload.py mode args`` once per host (the tests of one workload share it)."""
+    name = host.ansible.get_variables()["inventory_hostname"]
+    key = (name, mode)
+    if key not in RUNS:
+        port = int(instance(name)["metrics_port"])
+        before = wait_metrics(port)
+        t0 = time.monotonic()
+        result = run_workload(name, mode, *args)
+        seconds = time.monotonic() - t0
+        time.sleep(1)  # counters are read from the kernel maps at scrape time; a margin for the last events
+        after = metrics(port)
+        RUNS[key] = Run(name, str(instance(name).get("kernel", "?")), mode, result, before, after, round(seconds, 1))
+    return RUNS[key]
+
+
+def compare(run: Run, metric: str, labels: dict[str, str], want: float, what: str, rel: float, slack: float) -> None:
+    """The metric's growth over the run equals ``want`` within rel*want + slack; recorded either way."""
+    before = value(run.before, metric, **labels)
+    after = value(run.after, metric, **labels)
+    delta = None if after is None else after - (before or 0.0)
+    tolerance = rel * want + slack
+    ok = delta is not None and abs(delta - want) <= tolerance
+    series = metric + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    record = {
+        "host": run.name,
+        "kernel": run.kernel,
+        "series": series,
+        "agent_delta": delta,
+        "expected": want,
+        "expected_is": what,
+        "tolerance": round(tolerance),
+        "ok": ok,
+        "workload_seconds": run.seconds,
+    }
+    with ACCURACY_LOG.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    where = f"{run.name} (kernel {run.kernel})"
+    assert after is not None, f"{where}: no {series} in /metrics after the workload; {collector_state(run.after)}"
+    assert ok, (
+        f"{where}: {series} grew by {delta:.0f} over the {run.workload} workload; {what} is {want:.0f}"
+        f" (tolerance ±{tolerance:.0f}); workload report {run.result}"
+    )
+
+
+def test_tcp_sent_bytes_match_the_kernel(host: Any) -> None:
+    """A loopback transfer of N bytes adds N sent (the client socket's tcpi_bytes_acked: N + 1, the SYN)."""
+    run = workload(host, "tcp", TCP_BYTES)
+    assert run.result["sent"] == TCP_BYTES
+    acked = run.result["client_tcp_info"]["bytes_acked"]
+    assert TCP_BYTES <= acked <= TCP_BYTES + 1, run.result  # the kernel saw the workload's figure
+    labels = {"direction": "sent", "protocol": "tcp"}
+    what = f"bytes sent (TCP_INFO bytes_acked {acked})"
+    compare(run, "ebpf_network_bytes_total", labels, TCP_BYTES, what, 0.01, 65536)
+
+
+def test_tcp_received_bytes_match_the_kernel(host: Any) -> None:
+    """… and N received: the server socket's tcpi_bytes_received."""
+    run = workload(host, "tcp", TCP_BYTES)
+    assert run.result["received"] == TCP_BYTES
+    received = run.result["server_tcp_info"]["bytes_received"]
+    assert TCP_BYTES <= received <= TCP_BYTES + 1, run.result
+    labels = {"direction": "received", "protocol": "tcp"}
+    compare(run, "ebpf_network_bytes_total", labels, received, "TCP_INFO bytes_received", 0.01, 65536)
+
+
+@pytest.mark.parametrize("direction,field", [("sent", "segs_out"), ("received", "segs_in")])
+def test_tcp_segments_match_the_kernel(host: Any, direction: str, field: str) -> None:
+    """TCP segments: the two sockets' own segs_out (segs_in) as TCP_INFO reports them before close.
+
+    The handshake, FIN and last ACKs and the SSH session carrying the workload add a few dozen
+    segments; a zero or halved count fails.
+    """
+    run = workload(host, "tcp", TCP_BYTES)
+    segs = run.result["client_tcp_info"][field] + run.result["server_tcp_info"][field]
+    labels = {"direction": direction, "protocol": "tcp"}
+    compare(run, "ebpf_network_packets_total", labels, segs, f"TCP_INFO {field} of both sockets", 0.05, 100)
+
+
+@pytest.mark.parametrize("direction", ["sent", "received"])
+def test_udp_bytes_and_datagrams_match_the_kernel(host: Any, direction: str) -> None:
+    """K datagrams of S bytes over loopback: K*S bytes and K datagrams each way (/proc/net/snmp agrees)."""
+    run = workload(host, "udp", UDP_DATAGRAMS, UDP_SIZE)
+    snmp = run.result["snmp_udp_delta"]
+    datagrams = run.result[f"{direction}_datagrams"]
+    assert run.result["sent_datagrams"] == UDP_DATAGRAMS
+    # the kernel's own protocol counters saw at least the workload's datagrams
+    assert snmp["OutDatagrams" if direction == "sent" else "InDatagrams"] >= datagrams, run.result
+    labels = {"direction": direction, "protocol": "udp"}
+    compare(run, "ebpf_network_bytes_total", labels, run.result[direction], f"UDP bytes {direction}", 0.01, 65536)
+    compare(run, "ebpf_network_packets_total", labels, datagrams, f"UDP datagrams {direction}", 0.01, 64)
+
+
+def test_syscall_count_matches_the_calls(host: Any) -> None:
+    """N getppid() calls add N to ebpf_syscall_count_total{syscall="getppid"} (shells add a few)."""
+    run = workload(host, "getppid", GETPPID_CALLS)
+    compare(run, "ebpf_syscall_count_total", {"syscall": "getppid"}, GETPPID_CALLS, "getppid calls", 0.005, 64)
+
+
+@pytest.mark.parametrize("op,field,io", [("write", "written", "wchar_delta"), ("read", "read", "rchar_delta")])
+def test_file_bytes_match_the_kernel(host: Any, op: str, field: str, io: str) -> None:
+    """W bytes written to a regular file and read back, under the workload's own comm.
+
+    The kernel's accounting is the process's /proc/self/io wchar/rchar (rchar also holds the
+    first /proc/self/io read, ~100 bytes).
+    """
+    run = workload(host, "file", FILE_BYTES)
+    assert run.result[field] == FILE_BYTES
+    assert FILE_BYTES <= run.result[io] <= FILE_BYTES + 4096, run.result
+    metric = f"ebpf_file_{op}_bytes_total"
+    compare(
+        run, metric, {"comm": WORKLOAD_COMM}, run.result[field], f"bytes {field} ({io} {run.result[io]})", 0.001, 4096
+    )
 
 
 # ------------------------------------------------------------------ the host preflight refused

@@ -154,6 +154,8 @@ def test_deb_contents(packages: tuple[Path, Path]) -> None:
         "/usr/share/doc/tfo-agent/changelog.Debian.gz",
         "/usr/share/man/man1/tfo-agent.1.gz",
         *(f"/var/lib/tfo-agent/ebpf/{o.name}" for o in (ROOT / "bpf").glob("*.bpf.o")),
+        *(f"/usr/share/tfo-agent/{f.relative_to(ROOT)}" for f in (ROOT / "monitoring").rglob("*.y*ml")),
+        *(f"/usr/share/tfo-agent/{f.relative_to(ROOT)}" for f in (ROOT / "monitoring").rglob("*.json")),
     }
     assert expected <= files
     assert modes["/usr/bin/tfo-agent"] == "-rwxr-xr-x"

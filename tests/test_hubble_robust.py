@@ -212,7 +212,12 @@ def test_lost_events_and_node_status_notices_are_counted(tmp_path: Path) -> None
         settle(h, 10)
         wait_for(lambda: h.stream.stats.received == 13, 10, "all 13 messages")
         fams = {f.name: {s.labels: s.value for s in f.samples} for f in h.collect()}
-        assert fams["tfo_agent_hubble_lost_events"] == {("HUBBLE_RING_BUFFER",): 3, ("PERF_EVENT_RING_BUFFER",): 5}
+        assert fams["tfo_agent_hubble_lost_events"] == {  # every known source, from 0
+            ("HUBBLE_RING_BUFFER",): 3,
+            ("PERF_EVENT_RING_BUFFER",): 5,
+            ("OBSERVER_EVENTS_QUEUE",): 0,
+            ("UNKNOWN_LOST_EVENT_SOURCE",): 0,
+        }
         assert fams["tfo_agent_hubble_node_status_events"] == {("NODE_UNAVAILABLE",): 1}
         assert sum(fams["hubble_flows"].values()) == 10
 

@@ -180,13 +180,16 @@ class CommFamily:
     series: tuple[tuple[int, tuple[str, ...]], ...]
     extra_labels: tuple[str, ...] = ()
     per_unit: int = 1
+    # Export 0 for every process too, not only once it happened: a rare event (an OOM kill) must
+    # be an increase on an existing series, or increase() and the alerts on it miss the first one.
+    zeros: bool = False
 
     def build(self, counters: dict[LabelSet, list[int]], names: LabelSet = ("comm",)) -> MetricFamily:
         """The family from label set (``names``) -> counters."""
         fam = MetricFamily(self.name, Kind.COUNTER, self.help, (*names, *self.extra_labels))
         for labels, values in sorted(counters.items()):
             for index, extra in self.series:
-                if values[index]:
+                if values[index] or self.zeros:
                     fam.add((*labels, *extra), values[index] / (UNIT * self.per_unit))
         return fam
 

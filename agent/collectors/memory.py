@@ -27,5 +27,7 @@ class MemoryCollector(CommCollector):
             ((1, ("page",)), (2, ("slab",))),
             extra_labels=("kind",),
         ),
-        CommFamily("ebpf_oom_kills", "Tasks chosen as OOM victims, by the victim's process name.", ((3, ()),)),
+        CommFamily(
+            "ebpf_oom_kills", "Tasks chosen as OOM victims, by the victim's process name.", ((3, ()),), zeros=True
+        ),
     )

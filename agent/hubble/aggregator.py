@@ -51,9 +51,10 @@ class Stats:
         self.decode_errors = 0
         self.flow_errors = 0
         self.windows = 0
-        self.lost_events: dict[str, int] = {}
+        # Known label values start at 0, so that increase() and alerts see the first events too.
+        self.lost_events: dict[str, int] = dict.fromkeys(LOST_SOURCES.values(), 0)
         self.node_status: dict[str, int] = {}
-        self.series_overflow: dict[str, int] = {}
+        self.series_overflow: dict[str, int] = dict.fromkeys(FAMILIES, 0)
 
 
 class Aggregator:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.collectors import FORCE_VARIANT_ENV, Mode
+from agent.collectors import FORCE_ATTACH_ENV, FORCE_VARIANT_ENV, Mode
 from agent.collectors.catalog import COLLECTORS
 from agent.collectors.network import NetworkCollector
 from agent.collectors.selftest import SelfTestFailed, self_test
@@ -30,6 +30,7 @@ def test_a_mode_that_loads_but_misses_bytes_fails(monkeypatch: pytest.MonkeyPatc
     """Only the state-change program attached: it loads and attaches, but sees no bytes (as fexit on
     sock_sendmsg did on 6.1 and 6.12), and the self-test says what it saw."""
     monkeypatch.delenv(FORCE_VARIANT_ENV, raising=False)
+    monkeypatch.delenv(FORCE_ATTACH_ENV, raising=False)
 
     class Blind(NetworkCollector):
         modes = (Mode("raw_tp", "raw_set_state"),)

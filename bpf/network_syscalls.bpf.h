@@ -15,92 +15,7 @@
 #ifndef TFO_NETWORK_SYSCALLS_BPF_H
 #define TFO_NETWORK_SYSCALLS_BPF_H
 
-#define S_IFSOCK 0140000
-#define MAX_MMSG 1024 /* UIO_MAXIOV: the most messages one sendmmsg/recvmmsg moves */
-
-enum {
-	SC_NONE, SC_SEND, SC_RECV, SC_RECV_FLAGS3, SC_RECV_FLAGS4, SC_SENDMMSG, SC_RECVMMSG, SC_SENDFILE, SC_SPLICE,
-};
-
-/* Native syscall number -> how its socket traffic is read. */
-static __always_inline int sock_syscall(long id)
-{
-	switch (id) {
-#if defined(__TARGET_ARCH_x86)
-	case 1:   /* write */
-	case 20:  /* writev */
-	case 44:  /* sendto */
-	case 46:  /* sendmsg */
-		return SC_SEND;
-	case 0:   /* read */
-	case 19:  /* readv */
-		return SC_RECV;
-	case 47:  /* recvmsg(fd, msg, flags) */
-		return SC_RECV_FLAGS3;
-	case 45:  /* recvfrom(fd, buf, len, flags, ...) */
-		return SC_RECV_FLAGS4;
-	case 307: /* sendmmsg */
-		return SC_SENDMMSG;
-	case 299: /* recvmmsg(fd, vec, vlen, flags, timeout) */
-		return SC_RECVMMSG;
-	case 40:  /* sendfile(out_fd, in_fd, ...) */
-		return SC_SENDFILE;
-	case 275: /* splice(fd_in, off_in, fd_out, ...) */
-		return SC_SPLICE;
-#elif defined(__TARGET_ARCH_arm64)
-	case 64:  /* write */
-	case 66:  /* writev */
-	case 206: /* sendto */
-	case 211: /* sendmsg */
-		return SC_SEND;
-	case 63:  /* read */
-	case 65:  /* readv */
-		return SC_RECV;
-	case 212: /* recvmsg */
-		return SC_RECV_FLAGS3;
-	case 207: /* recvfrom */
-		return SC_RECV_FLAGS4;
-	case 269: /* sendmmsg */
-		return SC_SENDMMSG;
-	case 243: /* recvmmsg */
-		return SC_RECVMMSG;
-	case 71:  /* sendfile */
-		return SC_SENDFILE;
-	case 76:  /* splice */
-		return SC_SPLICE;
-#endif
-	default:
-		return SC_NONE;
-	}
-}
-
-/* The socket behind the current task's descriptor fd, NULL if fd is not a socket. */
-static __always_inline const struct sock *sock_of_fd(struct task_struct *task, long fd)
-{
-	struct file *f = tfo_file_of_fd(task, fd);
-	struct socket *sock;
-
-	if (!f || (BPF_CORE_READ(f, f_inode, i_mode) & TFO_S_IFMT) != S_IFSOCK)
-		return NULL;
-	sock = BPF_CORE_READ(f, private_data);
-	return sock ? BPF_CORE_READ(sock, sk) : NULL;
-}
-
-/* Payload bytes of the first n messages of a sendmmsg/recvmmsg vector (msg_len, set by the call). */
-static __always_inline __u64 mmsg_bytes(const struct mmsghdr *vec, long n)
-{
-	__u64 total = 0;
-
-	for (int i = 0; i < MAX_MMSG; i++) {
-		__u32 len = 0;
-
-		if (i >= n)
-			break;
-		bpf_probe_read_user(&len, sizeof(len), &vec[i].msg_len);
-		total += len;
-	}
-	return total;
-}
+#include "sock_syscalls.bpf.h"
 
 SEC("raw_tp/sys_exit")
 int BPF_PROG(sys_sys_exit, struct pt_regs *regs, long ret)
@@ -129,14 +44,18 @@ int BPF_PROG(sys_sys_exit, struct pt_regs *regs, long ret)
 	if (!sk)
 		return 0;
 	switch (kind) {
-	case SC_SEND:
+	case SC_WRITE:
+	case SC_WRITEV:
+	case SC_SENDTO:
+	case SC_SENDMSG:
 	case SC_SENDFILE:
 		return on_traffic(sk, ret, 1, 0, SENT, false);
-	case SC_RECV:
+	case SC_READ:
+	case SC_READV:
 		return on_traffic(sk, ret, 1, 0, RECEIVED, false);
-	case SC_RECV_FLAGS3:
+	case SC_RECVMSG:
 		return on_traffic(sk, ret, 1, PT_REGS_PARM3_CORE_SYSCALL(regs), RECEIVED, false);
-	case SC_RECV_FLAGS4:
+	case SC_RECVFROM:
 		return on_traffic(sk, ret, 1, PT_REGS_PARM4_CORE_SYSCALL(regs), RECEIVED, false);
 	case SC_SENDMMSG:
 		return on_traffic(sk, mmsg_bytes((void *)PT_REGS_PARM2_CORE_SYSCALL(regs), ret), ret, 0, SENT, false);

@@ -1,8 +1,9 @@
 """A thin ctypes layer over the distro's ``libbpf.so.1``: open, load, attach, pin, read maps.
 
 Only what the collectors need: object open with ``pin_root_path`` and ``btf_custom_path``,
-program autoload selection, auto-attach by section name, map lookup/update/delete, batched
-map reads (falling back to key iteration where the kernel lacks batch ops).
+program autoload selection, auto-attach by section name, uprobes on a library's function by name,
+map lookup/update/delete, batched map reads (falling back to key iteration where the kernel lacks
+batch ops).
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ class _BatchOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
+class _UprobeOpts(ctypes.Structure):
+    # struct bpf_uprobe_opts of libbpf 1.x: func_name is resolved in the binary's symbols by libbpf.
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("ref_ctr_offset", ctypes.c_size_t),
+        ("bpf_cookie", ctypes.c_uint64),
+        ("retprobe", ctypes.c_bool),
+        ("func_name", ctypes.c_char_p),
+    ]
+
+
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
@@ -77,6 +89,7 @@ class _Lib:
         self._proto("bpf_program__section_name", cp, vp)
         self._proto("bpf_program__set_autoload", i, vp, ctypes.c_bool)
         self._proto("bpf_program__attach", vp, vp)
+        self._proto("bpf_program__attach_uprobe_opts", vp, vp, i, cp, ctypes.c_size_t, ctypes.POINTER(_UprobeOpts))
         self._proto("bpf_link__destroy", i, vp)
         self._proto("bpf_map__fd", i, vp)
         self._proto("bpf_map__name", cp, vp)
@@ -312,6 +325,19 @@ class BpfObject:
         if not handle:
             raise L.error(f"attaching {program} ({section})")
         return Link(handle, program, section)
+
+    def attach_uprobe(self, program: str, binary: str, func: str, retprobe: bool = False, pid: int = -1) -> Link:
+        """Attach ``program`` at the entry (or, with ``retprobe``, the return) of ``func`` in the ELF
+        file ``binary``, for process ``pid`` or every process (-1)."""
+        L = lib()
+        opts = _UprobeOpts(ctypes.sizeof(_UprobeOpts), 0, 0, retprobe, func.encode())
+        L.take_recent()
+        handle = L.lib.bpf_program__attach_uprobe_opts(
+            self._programs[program], pid, os.fsencode(binary), 0, ctypes.byref(opts)
+        )
+        if not handle:
+            raise L.error(f"attaching {program} to {func} in {binary}")
+        return Link(handle, program, f"uretprobe/{func}" if retprobe else f"uprobe/{func}")
 
     def map(self, name: str) -> BpfMap:
         handle = lib().lib.bpf_object__find_map_by_name(self._handle, name.encode())

@@ -32,6 +32,8 @@
 /* Written by userspace: which collectors use the hooks (F_*). */
 volatile __u32 tfo_features SEC(".data.features") = 0;
 
+#include "l7.bpf.h"
+
 /* Per syscall number: latency histogram; its count is the syscall count (without labels). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -196,7 +198,10 @@ int BPF_PROG(tpbtf_sys_enter, struct pt_regs *regs, long id)
 SEC("tp_btf/sys_exit")
 int BPF_PROG(tpbtf_sys_exit, struct pt_regs *regs, long ret)
 {
-	return wants_exit(SYSCALL_NR(regs)) ? on_exit(ret) : 0;
+	if (wants_exit(SYSCALL_NR(regs)))
+		on_exit(ret);
+	l7_exit(regs, ret, true);
+	return 0;
 }
 
 SEC("raw_tp/sys_enter")
@@ -212,7 +217,10 @@ SEC("raw_tp/sys_exit")
 int BPF_PROG(raw_sys_exit, struct pt_regs *regs, long ret)
 {
 	/* the syscall number costs a helper call here: read it only when syscalls is off */
-	return (tfo_features & F_SYSCALLS) || wants_exit(SYSCALL_NR_CORE(regs)) ? on_exit(ret) : 0;
+	if ((tfo_features & F_SYSCALLS) || wants_exit(SYSCALL_NR_CORE(regs)))
+		on_exit(ret);
+	l7_exit(regs, ret, false);
+	return 0;
 }
 
 SEC("tracepoint/raw_syscalls/sys_enter")

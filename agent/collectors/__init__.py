@@ -62,6 +62,8 @@ TRACEPOINT = Mode("tracepoint", "tp_")
 DEFAULT_MODES: tuple[Mode, ...] = (RAW_TP, TRACEPOINT)
 _BSS = struct.Struct("<IIQ")  # tfo_kgen, padding, tfo_map_full
 _U32 = struct.Struct("<I")
+# Programs named up_* (uprobes) are loaded in every mode and attached by their collector, not by the mode.
+UPROBE_PREFIX = "up_"
 FORCE_ATTACH_ENV = "TFO_AGENT_FORCE_ATTACH"
 FORCE_VARIANT_ENV = "TFO_AGENT_FORCE_VARIANT"
 
@@ -192,6 +194,9 @@ class BpfCollector:
             loaded = _LOADED.get(key)
             if loaded is None:
                 loaded = _LOADED[key] = self._load(pin)
+            elif loaded.mode not in self.modes:
+                self.error = f"{self.name} cannot run on the shared hooks attached as {loaded.mode.label}"
+                raise CollectorError(self.error)
             else:
                 self.filters.program(loaded.obj)
             loaded.users.append(self.name)
@@ -243,7 +248,7 @@ class BpfCollector:
             if not programs:
                 raise LibbpfError(22, f"{os.path.basename(path)} has no {mode.prefix}* programs")
             for p in obj.program_names:
-                obj.set_autoload(p, p in programs)
+                obj.set_autoload(p, p in programs or p.startswith(UPROBE_PREFIX))
             for cls in self.sharers():
                 for m, entries in cls.map_sizes(self.cfg).items():
                     obj.set_max_entries(m, entries)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from agent.collectors import BpfCollector
+from agent.collectors.dns import DnsCollector
 from agent.collectors.file_io import FileIoCollector
+from agent.collectors.http import HttpCollector
 from agent.collectors.memory import MemoryCollector
 from agent.collectors.network import NetworkCollector
 from agent.collectors.scheduler import SchedulerCollector
@@ -17,4 +19,6 @@ COLLECTORS: tuple[type[BpfCollector], ...] = (
     FileIoCollector,
     SchedulerCollector,
     MemoryCollector,
+    DnsCollector,
+    HttpCollector,
 )

@@ -32,10 +32,10 @@ from agent.hubble.families import (
     Groups,
     flow_key,
     project,
-    rcode_name,
     workload_of,
 )
 from agent.hubble.proto import flow_pb2, observer_pb2
+from agent.l7names import rcode_name
 from agent.registry import Kind, MetricFamily
 
 MAX_TRACKED_CONNECTIONS = 65536

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from agent.hubble.proto import enum_names, relay_pb2
+from agent.l7names import RCODES
 from agent.registry import Kind
 
 VERDICTS = enum_names("Verdict")
@@ -26,15 +27,6 @@ REPORTERS = {0: "unknown", 1: "server", 2: "client"}
 # Cilium's monitor PolicyMatchType names, and the layer each one stands for (L7 is the proxy's).
 POLICY_MATCH = {0: "none", 1: "L3-Only", 2: "L3-L4", 3: "L4-Only", 4: "all", 5: "L3-Proto", 6: "Proto-Only"}
 MATCH_LAYER = {"L3-Only": "L3", "all": "L3", "L3-L4": "L4", "L4-Only": "L4", "L3-Proto": "L4", "Proto-Only": "L4"}
-# Cilium's DNS rcode label values.
-RCODES = {
-    0: "No Error",
-    1: "Format Error",
-    2: "Server Failure",
-    3: "Non-Existent Domain",
-    4: "Not Implemented",
-    5: "Query Refused",
-}
 # Cilium's reserved security identities: the "workload" of an endpoint without a pod.
 RESERVED = {
     1: "reserved:host",
@@ -233,11 +225,6 @@ def workload_of(pod: str) -> str:
         if m:
             return m.group(1)
     return pod
-
-
-def rcode_name(code: int) -> str:
-    """DNS rcode as Cilium labels it; unknown codes as their number."""
-    return RCODES.get(code) or str(code)
 
 
 def namespace_rule(watch: Iterable[str], exclude: Iterable[str]) -> Callable[[str, str], bool]:

@@ -1,0 +1,261 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* HTTP/1.x, both roles: requests a process sends (client) or receives (server), each matched with
+ * the response that follows on the same connection. The first bytes of each payload tell a request
+ * line ("GET ", "POST ", ...) or a status line ("HTTP/1.1 200 ") from anything else (bodies, other
+ * protocols, TLS records); only those two move the per-connection state, one request in flight at a
+ * time. Plaintext is read at sys_exit of the socket syscalls (l7.bpf.h), TLS plaintext at the return
+ * of OpenSSL's SSL_read/SSL_write (and their _ex forms), attached as uprobes by the agent.
+ * What cannot be counted right goes to http_errors. */
+#ifndef TFO_HTTP_BPF_H
+#define TFO_HTTP_BPF_H
+
+#define HTTP_PEEK 16 /* bytes read from the start of a payload */
+
+enum { HTTP_NONE, HTTP_REQ, HTTP_RESP, HTTP_PARTIAL };
+enum { HTTP_REQUEST = 1, HTTP_RESPONSE };   /* l7_key.kind */
+enum { HTTP_CLIENT = 1, HTTP_SERVER };      /* l7_key.a (direction) and the role in flight */
+/* Parse errors (http_errors index), named in agent/collectors/http.py. */
+enum { HTTP_ERR_TRUNCATED, HTTP_ERR_UNMATCHED, HTTP_ERR_UNANSWERED, HTTP_ERRORS };
+
+/* A connection: a socket (id = struct sock address, tgid 0) or an OpenSSL SSL object (its address
+ * in process tgid). */
+struct http_conn_key {
+	__u64 id;
+	__u32 tgid;
+	__u32 pad;
+};
+
+/* The request in flight on a connection. */
+struct http_conn {
+	__u64 ts;
+	__u32 tag;   /* sockets: the port pair, so that a new socket at a freed address starts afresh */
+	__u8 role;   /* HTTP_CLIENT or HTTP_SERVER */
+	__u8 method;
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct http_conn_key);
+	__type(value, struct http_conn);
+} http_conns SEC(".maps");
+
+/* kind HTTP_REQUEST: a = direction, b = method; HTTP_RESPONSE: also code = status. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, L7_MAX_KEYS);
+	__type(key, struct l7_key);
+	__type(value, __u64);
+} http_counts SEC(".maps");
+
+/* Request to response, ns, per comm and direction (a). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, L7_MAX_HISTS);
+	__type(key, struct l7_key);
+	__type(value, struct tfo_hist);
+} http_duration SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HTTP_ERRORS);
+	__type(key, __u32);
+	__type(value, __u64);
+} http_errors SEC(".maps");
+
+/* 1: the n bytes at b start with token t (len bytes); 2: they end inside it; 0: neither. */
+static __always_inline int http_match(const __u8 *b, __u32 n, const char *t, __u32 len)
+{
+#pragma unroll
+	for (__u32 i = 0; i < 9; i++) {
+		if (i >= len)
+			return 1;
+		if (i >= n)
+			return 2;
+		if (b[i] != t[i])
+			return 0;
+	}
+	return 1;
+}
+
+static __always_inline bool http_digit(__u8 c)
+{
+	return c >= '0' && c <= '9';
+}
+
+/* What the first n bytes (1..HTTP_PEEK) of a payload are; *code is the method (1..9, in the order
+ * of agent/collectors/http.py's METHODS) or the status. */
+static __always_inline int http_classify(const __u8 *b, __u32 n, __u16 *code)
+{
+	int m, partial = 0;
+
+#define HTTP_TRY(idx, token)                                    \
+	m = http_match(b, n, token, sizeof(token) - 1);         \
+	if (m == 1) {                                           \
+		*code = idx;                                    \
+		return HTTP_REQ;                                \
+	}                                                       \
+	partial |= m == 2;
+	HTTP_TRY(1, "GET ")
+	HTTP_TRY(2, "HEAD ")
+	HTTP_TRY(3, "POST ")
+	HTTP_TRY(4, "PUT ")
+	HTTP_TRY(5, "DELETE ")
+	HTTP_TRY(6, "CONNECT ")
+	HTTP_TRY(7, "OPTIONS ")
+	HTTP_TRY(8, "TRACE ")
+	HTTP_TRY(9, "PATCH ")
+#undef HTTP_TRY
+	m = http_match(b, n, "HTTP/1.", 7);
+	if (m == 0)
+		return partial ? HTTP_PARTIAL : HTTP_NONE;
+	if (m == 2 || n < 12) /* "HTTP/1.1 200" is the shortest status line start */
+		return HTTP_PARTIAL;
+	if ((b[7] != '0' && b[7] != '1') || b[8] != ' ' || !http_digit(b[9]) || !http_digit(b[10]) ||
+	    !http_digit(b[11]) || (n > 12 && b[12] != ' ' && b[12] != '\r'))
+		return HTTP_NONE;
+	*code = (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
+	return HTTP_RESP;
+}
+
+/* The payload m was sent or received on connection ck (sk: its socket, or NULL for TLS). */
+static __noinline int http_on_payload(struct task_struct *task, struct http_conn_key *ck, const struct sock *sk,
+				      bool sent, const struct l7_msg *m)
+{
+	__u8 b[HTTP_PEEK] = {};
+	struct http_conn *c, now = {};
+	__u32 n = m->len < HTTP_PEEK ? m->len : HTTP_PEEK;
+	__u16 code = 0;
+	struct l7_key k;
+	int what;
+	__u8 role;
+
+	if (!n || bpf_probe_read_user(b, n, (void *)m->buf))
+		return 0;
+	what = http_classify(b, n, &code);
+	if (what == HTTP_NONE || !tfo_task_observed(task))
+		return 0;
+	if (what == HTTP_PARTIAL) {
+		l7_error(&http_errors, HTTP_ERR_TRUNCATED, 1);
+		return 0;
+	}
+	if (sk)
+		now.tag = BPF_CORE_READ(sk, __sk_common.skc_portpair);
+	now.ts = bpf_ktime_get_ns();
+	c = bpf_map_lookup_elem(&http_conns, ck);
+	if (c && c->tag != now.tag)
+		c = NULL; /* a new socket where an old one was */
+	l7_key_init(&k, task);
+	if (what == HTTP_REQ) {
+		if (c && c->role)
+			l7_error(&http_errors, HTTP_ERR_UNANSWERED, 1);
+		now.role = sent ? HTTP_CLIENT : HTTP_SERVER;
+		now.method = code;
+		bpf_map_update_elem(&http_conns, ck, &now, BPF_ANY);
+		k.kind = HTTP_REQUEST;
+		k.a = now.role;
+		k.b = code;
+		l7_count(&http_counts, &k);
+		return 0;
+	}
+	role = sent ? HTTP_SERVER : HTTP_CLIENT;
+	if (!c || c->role != role) {
+		l7_error(&http_errors, HTTP_ERR_UNMATCHED, 1);
+		return 0;
+	}
+	if (code < 200 && code != 101) /* interim (100 Continue...): the final response follows */
+		return 0;
+	k.kind = HTTP_RESPONSE;
+	k.a = role;
+	k.b = c->method;
+	k.code = code;
+	now.ts -= c->ts;
+	bpf_map_delete_elem(&http_conns, ck);
+	l7_count(&http_counts, &k);
+	k.kind = 0;
+	k.b = 0;
+	k.code = 0;
+	l7_observe(&http_duration, &k, now.ts);
+	return 0;
+}
+
+static __always_inline void http_on_syscall(struct task_struct *task, const struct sock *sk, int kind,
+					    const struct l7_call *c, long ret)
+{
+	struct http_conn_key ck = { .id = (__u64)sk };
+	struct l7_msg m = {};
+
+	if (kind == SC_SENDMMSG || kind == SC_RECVMMSG || l7_message(kind, c, ret, 0, &m))
+		return;
+	http_on_payload(task, &ck, sk, sc_sends(kind), &m);
+}
+
+/* TLS: SSL_read(ssl, buf, num), SSL_write(ssl, buf, num), SSL_read_ex(ssl, buf, num, &readbytes),
+ * SSL_write_ex(ssl, buf, num, &written). The entry keeps the arguments per thread, the return
+ * hands the plaintext moved to http_on_payload. */
+struct ssl_call {
+	__u64 ssl;
+	__u64 buf;
+	__u64 moved; /* _ex: where the byte count is written */
+	__u8 sent;
+	__u8 ex;
+	__u8 pad[6];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct ssl_call);
+} ssl_calls SEC(".maps");
+
+static __always_inline int ssl_enter(struct pt_regs *ctx, bool sent, bool ex)
+{
+	struct ssl_call call = {
+		.ssl = PT_REGS_PARM1(ctx), .buf = PT_REGS_PARM2(ctx), .moved = ex ? PT_REGS_PARM4(ctx) : 0,
+		.sent = sent, .ex = ex,
+	};
+	__u64 id;
+
+	if (!(tfo_features & F_HTTP) || !tfo_task_observed(tfo_current_task()))
+		return 0;
+	id = bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&ssl_calls, &id, &call, BPF_ANY);
+	return 0;
+}
+
+SEC("uprobe")
+int up_ssl_read(struct pt_regs *ctx) { return ssl_enter(ctx, false, false); }
+SEC("uprobe")
+int up_ssl_read_ex(struct pt_regs *ctx) { return ssl_enter(ctx, false, true); }
+SEC("uprobe")
+int up_ssl_write(struct pt_regs *ctx) { return ssl_enter(ctx, true, false); }
+SEC("uprobe")
+int up_ssl_write_ex(struct pt_regs *ctx) { return ssl_enter(ctx, true, true); }
+
+SEC("uretprobe")
+int up_ssl_return(struct pt_regs *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct l7_msg m = {};
+	int ret = PT_REGS_RC(ctx);
+	struct http_conn_key ck = { .tgid = id >> 32 };
+	struct ssl_call *p = bpf_map_lookup_elem(&ssl_calls, &id), call;
+
+	if (!p)
+		return 0;
+	call = *p;
+	bpf_map_delete_elem(&ssl_calls, &id);
+	if (call.ex) {
+		if (ret != 1 || bpf_probe_read_user(&m.len, sizeof(m.len), (void *)call.moved))
+			return 0;
+	} else if (ret > 0) {
+		m.len = ret;
+	}
+	ck.id = call.ssl;
+	m.buf = call.buf;
+	return http_on_payload(tfo_current_task(), &ck, NULL, call.sent, &m);
+}
+
+#endif /* TFO_HTTP_BPF_H */

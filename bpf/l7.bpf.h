@@ -1,0 +1,220 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* DNS and HTTP/1.x from the syscall hooks: the part both share. At sys_exit of a socket syscall that
+ * moved data (sock_syscalls.bpf.h), the start of the payload is read from user memory and handed to
+ * dns.bpf.h (UDP) or http.bpf.h (TCP; TLS plaintext comes from uprobes on OpenSSL there).
+ *
+ * Counters and histograms are keyed by process name (the group leader's comm) and what was seen, in
+ * plain hashes with atomic adds: L7 messages are rare next to syscalls, and per-CPU histograms per
+ * process name would cost ncpus times the memory. Userspace folds names over the comm cap into
+ * entries of its own (folded = 1), which the kernel never writes.
+ * Included by syscalls.bpf.c after tfo_features and the SYSCALL_NR macros. */
+#ifndef TFO_L7_BPF_H
+#define TFO_L7_BPF_H
+
+#include <bpf/bpf_endian.h>
+#include "sock_syscalls.bpf.h"
+
+#define F_DNS 4
+#define F_HTTP 8
+#define F_L7 (F_DNS | F_HTTP)
+#define L7_MSG_PEEK 2
+#define L7_AF_INET 2
+#define L7_AF_INET6 10
+#define L7_MAX_KEYS 8192
+#define L7_MAX_HISTS 2048
+
+/* One counter or histogram: whose (comm; folded only in userspace's entries) and what. */
+struct l7_key {
+	char comm[TFO_COMM_LEN];
+	__u8 folded;
+	__u8 kind;  /* per protocol: query/response, request/response */
+	__u8 a;     /* dns: rcode; http: direction */
+	__u8 b;     /* http: method */
+	__u16 code; /* dns: qtype; http: status */
+	__u16 pad;
+};
+
+/* Arguments 0..4 of the syscall. */
+struct l7_call {
+	unsigned long arg[5];
+};
+
+/* Where one message's payload starts. */
+struct l7_msg {
+	unsigned long buf;  /* user address of the first bytes */
+	__u64 len;          /* payload bytes there (the first iovec only) */
+	unsigned long name; /* user sockaddr of the peer (unconnected sockets), else 0 */
+};
+
+static __always_inline void l7_key_init(struct l7_key *k, struct task_struct *task)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	BPF_CORE_READ_INTO(&k->comm, task, group_leader, comm);
+}
+
+/* The entry of key k in map, created from *zero if missing (NULL when the map is full). */
+static __always_inline void *l7_entry(void *map, const struct l7_key *k, const void *zero)
+{
+	void *v = bpf_map_lookup_elem(map, k);
+
+	if (v)
+		return v;
+	bpf_map_update_elem(map, k, zero, BPF_NOEXIST);
+	v = bpf_map_lookup_elem(map, k);
+	if (!v)
+		tfo_count_map_full();
+	return v;
+}
+
+/* L7 messages are not sampled: each counts TFO_UNIT. */
+static __always_inline void l7_count(void *map, const struct l7_key *k)
+{
+	static const __u64 zero = 0;
+	__u64 *v = l7_entry(map, k, &zero);
+
+	if (v)
+		__sync_fetch_and_add(v, TFO_UNIT);
+}
+
+static __always_inline void l7_observe(void *map, const struct l7_key *k, __u64 ns)
+{
+	static const struct tfo_hist zero = {};
+	struct tfo_hist *h = l7_entry(map, k, &zero);
+
+	if (!h)
+		return;
+	__sync_fetch_and_add(&h->slots[tfo_slot(ns)], TFO_UNIT);
+	__sync_fetch_and_add(&h->sum, ns * TFO_UNIT);
+}
+
+static __always_inline void l7_error(void *map, __u32 reason, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(map, &reason);
+
+	if (v)
+		__sync_fetch_and_add(v, n);
+}
+
+static __always_inline int l7_iov0(unsigned long iov, struct l7_msg *m)
+{
+	struct iovec v = {};
+
+	if (bpf_probe_read_user(&v, sizeof(v), (void *)iov))
+		return -1;
+	m->buf = (unsigned long)v.iov_base;
+	m->len = v.iov_len;
+	return 0;
+}
+
+static __always_inline int l7_msghdr(const void *p, struct l7_msg *m)
+{
+	struct user_msghdr h = {};
+
+	if (bpf_probe_read_user(&h, sizeof(h), p) || !h.msg_iovlen)
+		return -1;
+	m->name = (unsigned long)h.msg_name;
+	return l7_iov0((unsigned long)h.msg_iov, m);
+}
+
+/* Message i of a call that returned ret (i > 0 only for sendmmsg/recvmmsg); 0 when found. */
+static __always_inline int l7_message(int kind, const struct l7_call *c, long ret, __u32 i, struct l7_msg *m)
+{
+	const struct mmsghdr *vec = (const void *)c->arg[1];
+	__u64 moved = ret;
+	__u32 msg_len = 0;
+
+	m->name = 0;
+	switch (kind) {
+	case SC_SENDTO:
+	case SC_RECVFROM:
+		m->name = c->arg[4];
+		/* fallthrough */
+	case SC_WRITE:
+	case SC_READ:
+		m->buf = c->arg[1];
+		m->len = c->arg[2];
+		break;
+	case SC_WRITEV:
+	case SC_READV:
+		if (!c->arg[2] || l7_iov0(c->arg[1], m))
+			return -1;
+		break;
+	case SC_SENDMSG:
+	case SC_RECVMSG:
+		if (l7_msghdr((const void *)c->arg[1], m))
+			return -1;
+		break;
+	case SC_SENDMMSG:
+	case SC_RECVMMSG:
+		if (bpf_probe_read_user(&msg_len, sizeof(msg_len), &vec[i].msg_len) || l7_msghdr(&vec[i].msg_hdr, m))
+			return -1;
+		moved = msg_len;
+		break;
+	default:
+		return -1;
+	}
+	if (m->len > moved)
+		m->len = moved;
+	return 0;
+}
+
+/* recvfrom/recvmsg/recvmmsg with MSG_PEEK: the data is read again later, so it is not seen here. */
+static __always_inline bool l7_peeks(int kind, const struct l7_call *c)
+{
+	if (kind == SC_RECVMSG)
+		return c->arg[2] & L7_MSG_PEEK;
+	if (kind == SC_RECVFROM || kind == SC_RECVMMSG)
+		return c->arg[3] & L7_MSG_PEEK;
+	return false;
+}
+
+#include "dns.bpf.h"
+#include "http.bpf.h"
+
+/* A socket syscall of kind moved data (ret > 0): hand UDP to DNS and TCP to HTTP. */
+static __noinline int l7_sys_exit(int kind, struct l7_call *c, long ret)
+{
+	struct task_struct *task = tfo_current_task();
+	const struct sock *sk;
+	__u16 family, proto, type;
+
+	if (tfo_in_compat_syscall(task) || l7_peeks(kind, c))
+		return 0;
+	sk = sock_of_fd(task, c->arg[0]);
+	if (!sk)
+		return 0;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != L7_AF_INET && family != L7_AF_INET6)
+		return 0;
+	proto = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol);
+	type = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_type);
+	if (proto == IPPROTO_UDP && type == SOCK_DGRAM && (tfo_features & F_DNS))
+		dns_on_syscall(task, sk, kind, c, ret);
+	else if (proto == IPPROTO_TCP && type == SOCK_STREAM && (tfo_features & F_HTTP))
+		http_on_syscall(task, sk, kind, c, ret);
+	return 0;
+}
+
+/* The call site in each sys_exit program: regs are the task's saved registers; direct (tp_btf) reads
+ * them with plain loads, else with CO-RE probe reads. Nothing but a flag test when DNS and HTTP are
+ * off, and a switch on the syscall number for syscalls that move no socket data. */
+#define L7_ARG(regs, n, direct) ((direct) ? PT_REGS_PARM##n##_SYSCALL(regs) : PT_REGS_PARM##n##_CORE_SYSCALL(regs))
+static __always_inline void l7_exit(struct pt_regs *regs, long ret, bool direct)
+{
+	struct l7_call c;
+	int kind;
+
+	if (!(tfo_features & F_L7) || ret <= 0)
+		return;
+	kind = sock_syscall(direct ? SYSCALL_NR(regs) : SYSCALL_NR_CORE(regs));
+	if (!sc_sends(kind) && !sc_receives(kind))
+		return;
+	c.arg[0] = L7_ARG(regs, 1, direct);
+	c.arg[1] = L7_ARG(regs, 2, direct);
+	c.arg[2] = L7_ARG(regs, 3, direct);
+	c.arg[3] = L7_ARG(regs, 4, direct);
+	c.arg[4] = L7_ARG(regs, 5, direct);
+	l7_sys_exit(kind, &c, ret);
+}
+
+#endif /* TFO_L7_BPF_H */

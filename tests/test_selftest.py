@@ -46,7 +46,7 @@ def test_check_reports_each_collector_with_its_mode(tmp_path: Path) -> None:
     cfg.write_text(
         "integrations:\n  ebpf:\n"
         f"    programs_path: {BPF_DIR}\n    pin_path: /sys/fs/bpf/tfo-selftest\n"
-        "    collect_scheduler: true\n    collect_memory: true\n"
+        "    collect_scheduler: true\n    collect_memory: true\n    collect_dns: true\n    collect_http: true\n"
     )
     out = subprocess.run(
         [sys.executable, "-m", "agent", "check", "-c", str(cfg), "--json"],

@@ -36,9 +36,13 @@ class DnsCollector(L7Collector):
 
     def start(self, pin: bool = True) -> None:
         super().start(pin)
+        self.set_ports(self.ports)
+
+    def set_ports(self, ports: Sequence[int]) -> None:
+        """The server ports whose traffic is DNS (at most MAX_PORTS)."""
         assert self.obj is not None
-        ports = [*self.ports, *[0] * MAX_PORTS][:MAX_PORTS]
-        self.obj.map(".data.dns").update(b"\0\0\0\0", struct.pack(f"<{MAX_PORTS}H", *ports))
+        padded = [*ports, *[0] * MAX_PORTS][:MAX_PORTS]
+        self.obj.map(".data.dns").update(b"\0\0\0\0", struct.pack(f"<{MAX_PORTS}H", *padded))
 
     def read_l7(self) -> Iterable[MetricFamily]:
         assert self.obj is not None

@@ -21,6 +21,7 @@ from typing import Callable
 
 from agent import host
 from agent.collectors import BpfCollector, CollectorError
+from agent.collectors.selftest_l7 import N_QUERIES, DnsProbe, HttpProbe
 from agent.config import EbpfConfig
 from agent.filters import Filters
 from agent.registry import HistogramSample, MetricFamily
@@ -119,6 +120,7 @@ class Probe:
     work: Callable[[str], None]
     expect: Callable[[list[MetricFamily], str, int], str]
     kernel: Callable[[], int] = lambda: 0
+    setup: Callable[[BpfCollector], None] = lambda _: None  # after start, before the workload
 
 
 def exactly(*wants: tuple[str, float, dict[str, str]]) -> Callable[[list[MetricFamily], str, int], str]:
@@ -146,6 +148,24 @@ def like_the_kernel(name: str, **labels: str) -> Callable[[list[MetricFamily], s
     return expect
 
 
+def _dns_probe(dns: DnsProbe) -> Probe:
+    return Probe(
+        dns.work,
+        exactly(
+            ("ebpf_dns_queries", 1, {"comm": "{comm}", "qtype": "A"}),
+            ("ebpf_dns_queries", 1, {"comm": "{comm}", "qtype": "AAAA"}),
+            ("ebpf_dns_responses", 1, {"comm": "{comm}", "qtype": "A", "rcode": "No Error"}),
+            ("ebpf_dns_responses", 1, {"comm": "{comm}", "qtype": "AAAA", "rcode": "Non-Existent Domain"}),
+            ("ebpf_dns_latency_seconds", N_QUERIES, {"comm": "{comm}"}),
+        ),
+        setup=dns.setup,
+    )
+
+
+def _http_probe(http: HttpProbe) -> Probe:
+    return Probe(http.work, lambda families, comm, _: exactly(*http.expected())(families, comm, 0))
+
+
 PROBES: dict[str, Probe] = {
     "syscalls": Probe(_getppid, exactly(("ebpf_syscall_count", N_SYSCALLS, {"syscall": "getppid"}))),
     "network": Probe(
@@ -171,6 +191,8 @@ PROBES: dict[str, Probe] = {
         like_the_kernel("ebpf_page_faults"),
         lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
     ),
+    "dns": _dns_probe(DnsProbe()),
+    "http": _http_probe(HttpProbe()),
 }
 
 
@@ -190,6 +212,7 @@ def self_test(cls: type[BpfCollector], ebpf: EbpfConfig) -> str:
         with open("/proc/self/comm") as f:
             old = f.read().strip()
         probe = PROBES[cls.name]
+        probe.setup(collector)
         with tempfile.TemporaryDirectory(prefix="tfo-check-") as scratch:
             host.set_process_name(comm)  # from here on, only the workload's own system calls
             try:

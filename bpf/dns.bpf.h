@@ -9,7 +9,6 @@
 #define DNS_HDR 12
 #define DNS_MAX_NAME 255                           /* RFC 1035: the name in wire format */
 #define DNS_READ (DNS_HDR + DNS_MAX_NAME + 4)      /* header, name, qtype and qclass */
-#define DNS_BUF 512                                /* scratch: a power of two, offsets are masked */
 #define DNS_MAX_LABELS 128                         /* a name of 255 bytes has at most 127 labels */
 #define DNS_MAX_MSGS 8                             /* messages parsed per sendmmsg/recvmmsg */
 #define DNS_PORTS 4
@@ -23,17 +22,6 @@ struct dns_cfg {
 	__u16 ports[DNS_PORTS];
 };
 volatile struct dns_cfg dns_cfg SEC(".data.dns") = { .ports = { 53 } };
-
-struct dns_buf {
-	__u8 b[DNS_BUF];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct dns_buf);
-} dns_scratch SEC(".maps");
 
 struct dns_pending_key {
 	__u64 sk;
@@ -100,24 +88,23 @@ static __always_inline __u16 dns_peer_port(const struct sock *sk, unsigned long 
 	return bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 }
 
-/* One message of len bytes at buf, sent (a query) or received (a response) on sk. */
-static __noinline int dns_message(struct task_struct *task, const struct sock *sk, bool sent, unsigned long buf,
-				  __u64 len)
+/* One message of len bytes at buf, sent (a query) or received (a response) on socket sk. A global
+ * function (scalar arguments): the verifier checks it once, not once per message of the caller. */
+__noinline int dns_message(__u64 sk, int sent, __u64 buf, __u64 len)
 {
-	struct dns_pending_key pk = { .sk = (__u64)sk };
+	struct task_struct *task = tfo_current_task();
+	struct dns_pending_key pk = { .sk = sk };
 	struct dns_pending *p, q = {};
 	__u32 zero = 0, n, off = DNS_HDR, i;
-	struct dns_buf *s;
 	struct l7_key k;
 	__u16 qtype;
 	__u8 *b, flags;
 
 	if (!tfo_task_observed(task))
 		return 0;
-	s = bpf_map_lookup_elem(&dns_scratch, &zero);
-	if (!s)
+	b = bpf_map_lookup_elem(&l7_scratch, &zero);
+	if (!b)
 		return 0;
-	b = s->b;
 	n = len < DNS_READ ? len : DNS_READ;
 	if (n < DNS_HDR || bpf_probe_read_user(b, n, (void *)buf)) {
 		l7_error(&dns_errors, DNS_ERR_TRUNCATED, 1);
@@ -125,7 +112,7 @@ static __noinline int dns_message(struct task_struct *task, const struct sock *s
 	}
 	flags = b[2];
 	/* QR: 0 in what a client sends, 1 in what it receives; opcode QUERY; one question */
-	if (!(flags & 0x80) != sent || (flags & 0x78) || b[4] || b[5] != 1) {
+	if (!(flags & 0x80) != !!sent || (flags & 0x78) || b[4] || b[5] != 1) {
 		l7_error(&dns_errors, DNS_ERR_NOT_QUERY, 1);
 		return 0;
 	}
@@ -139,7 +126,7 @@ static __noinline int dns_message(struct task_struct *task, const struct sock *s
 		if (off >= n)
 			break;
 		barrier_var(off);
-		l = b[off & (DNS_BUF - 1)];
+		l = b[off & (L7_BUF - 1)];
 		if (l == 0)
 			break;
 		if (l > 63) { /* compression pointers and reserved label types have no place here */
@@ -162,7 +149,7 @@ static __noinline int dns_message(struct task_struct *task, const struct sock *s
 		return 0;
 	}
 	barrier_var(off); /* keep both masks below: the verifier knows nothing of off but its width */
-	qtype = (__u16)b[off & (DNS_BUF - 1)] << 8 | b[(off + 1) & (DNS_BUF - 1)];
+	qtype = (__u16)b[off & (L7_BUF - 1)] << 8 | b[(off + 1) & (L7_BUF - 1)];
 	pk.id = (__u16)b[0] << 8 | b[1];
 	l7_key_init(&k, task);
 	k.code = qtype;
@@ -205,7 +192,7 @@ static __always_inline void dns_on_syscall(struct task_struct *task, const struc
 		if (l7_message(kind, c, ret, i, &m) || !dns_port(dns_peer_port(sk, m.name)))
 			continue;
 		any = true;
-		dns_message(task, sk, sent, m.buf, m.len);
+		dns_message((__u64)sk, sent, m.buf, m.len);
 	}
 	if (any && msgs > DNS_MAX_MSGS)
 		l7_error(&dns_errors, DNS_ERR_UNPARSED, msgs - DNS_MAX_MSGS);

@@ -9,7 +9,9 @@
 #ifndef TFO_HTTP_BPF_H
 #define TFO_HTTP_BPF_H
 
-#define HTTP_PEEK 16 /* bytes read from the start of a payload */
+#define HTTP_PEEK 16  /* bytes read from the start of a payload */
+#define HTTP_SCAN 256 /* bytes searched for interim responses' ends */
+#define HTTP_INTERIMS 4
 
 enum { HTTP_NONE, HTTP_REQ, HTTP_RESP, HTTP_PARTIAL };
 enum { HTTP_REQUEST = 1, HTTP_RESPONSE };   /* l7_key.kind */
@@ -119,19 +121,60 @@ static __always_inline int http_classify(const __u8 *b, __u32 n, __u16 *code)
 	return HTTP_RESP;
 }
 
-/* The payload m was sent or received on connection ck (sk: its socket, or NULL for TLS). */
-static __noinline int http_on_payload(struct task_struct *task, struct http_conn_key *ck, const struct sock *sk,
-				      bool sent, const struct l7_msg *m)
+#define HTTP_AT(s, i) ((s)[(i) & (L7_BUF - 1)])
+
+/* An interim response (100 Continue, 103 Early Hints) started the payload m: the final response may
+ * follow in the same read or write, within its first HTTP_SCAN bytes. What follows the interim
+ * heads there: HTTP_RESP << 16 | status, HTTP_PARTIAL when it is cut short, else HTTP_NONE (the
+ * final response comes later). One flat loop over the bytes: heads end with an empty line. */
+__noinline int http_after_interims(__u64 buf, __u64 len)
 {
-	__u8 b[HTTP_PEEK] = {};
+	__u32 zero = 0, n = len < HTTP_SCAN ? len : HTTP_SCAN, i, code;
+	__u8 *s = bpf_map_lookup_elem(&l7_scratch, &zero);
+
+	if (!s || n < 4 || bpf_probe_read_user(s, n, (void *)buf))
+		return HTTP_NONE;
+	for (i = 0; i < HTTP_SCAN - 4; i++) {
+		__u32 p = i + 4;
+
+		if (p > n)
+			break;
+		barrier_var(i);
+		if (HTTP_AT(s, i) != '\r' || HTTP_AT(s, i + 1) != '\n' || HTTP_AT(s, i + 2) != '\r' ||
+		    HTTP_AT(s, i + 3) != '\n')
+			continue;
+		if (p == n)
+			return HTTP_NONE;
+		if (p + 12 > n)
+			return HTTP_PARTIAL;
+		if (HTTP_AT(s, p) != 'H' || HTTP_AT(s, p + 1) != 'T' || HTTP_AT(s, p + 2) != 'T' ||
+		    HTTP_AT(s, p + 3) != 'P' || HTTP_AT(s, p + 4) != '/' || HTTP_AT(s, p + 8) != ' ' ||
+		    !http_digit(HTTP_AT(s, p + 9)) || !http_digit(HTTP_AT(s, p + 10)) || !http_digit(HTTP_AT(s, p + 11)))
+			return HTTP_NONE;
+		code = (HTTP_AT(s, p + 9) - '0') * 100 + (HTTP_AT(s, p + 10) - '0') * 10 + (HTTP_AT(s, p + 11) - '0');
+		if (code >= 200 || code == 101)
+			return HTTP_RESP << 16 | code;
+	}
+	return HTTP_NONE;
+}
+
+/* len bytes at buf were sent or received on a connection: the socket at address id (tgid 0), or
+ * OpenSSL's SSL object at address id in process tgid. A global function (scalar arguments): the
+ * verifier checks it once, for both callers. */
+__noinline int http_on_payload(__u64 id, __u32 tgid, int sent, __u64 buf, __u64 len)
+{
+	struct http_conn_key key = { .id = id, .tgid = tgid }, *ck = &key;
+	struct task_struct *task = tfo_current_task();
+	const struct sock *sk = tgid ? NULL : (const struct sock *)id;
+	__u32 n = len < HTTP_PEEK ? len : HTTP_PEEK;
 	struct http_conn *c, now = {};
-	__u32 n = m->len < HTTP_PEEK ? m->len : HTTP_PEEK;
-	__u16 code = 0;
+	__u8 b[HTTP_PEEK] = {};
 	struct l7_key k;
+	__u16 code = 0;
 	int what;
 	__u8 role;
 
-	if (!n || bpf_probe_read_user(b, n, (void *)m->buf))
+	if (!n || bpf_probe_read_user(b, n, (void *)buf))
 		return 0;
 	what = http_classify(b, n, &code);
 	if (what == HTTP_NONE || !tfo_task_observed(task))
@@ -164,8 +207,14 @@ static __noinline int http_on_payload(struct task_struct *task, struct http_conn
 		l7_error(&http_errors, HTTP_ERR_UNMATCHED, 1);
 		return 0;
 	}
-	if (code < 200 && code != 101) /* interim (100 Continue...): the final response follows */
-		return 0;
+	if (code < 200 && code != 101) { /* interim (100 Continue...): the final response follows */
+		what = http_after_interims(buf, len);
+		if (what == HTTP_PARTIAL)
+			l7_error(&http_errors, HTTP_ERR_TRUNCATED, 1);
+		if (what >> 16 != HTTP_RESP)
+			return 0;
+		code = what & 0xffff;
+	}
 	k.kind = HTTP_RESPONSE;
 	k.a = role;
 	k.b = c->method;
@@ -183,12 +232,11 @@ static __noinline int http_on_payload(struct task_struct *task, struct http_conn
 static __always_inline void http_on_syscall(struct task_struct *task, const struct sock *sk, int kind,
 					    const struct l7_call *c, long ret)
 {
-	struct http_conn_key ck = { .id = (__u64)sk };
 	struct l7_msg m = {};
 
 	if (kind == SC_SENDMMSG || kind == SC_RECVMMSG || l7_message(kind, c, ret, 0, &m))
 		return;
-	http_on_payload(task, &ck, sk, sc_sends(kind), &m);
+	http_on_payload((__u64)sk, 0, sc_sends(kind), m.buf, m.len);
 }
 
 /* TLS: SSL_read(ssl, buf, num), SSL_write(ssl, buf, num), SSL_read_ex(ssl, buf, num, &readbytes),
@@ -240,7 +288,6 @@ int up_ssl_return(struct pt_regs *ctx)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct l7_msg m = {};
 	int ret = PT_REGS_RC(ctx);
-	struct http_conn_key ck = { .tgid = id >> 32 };
 	struct ssl_call *p = bpf_map_lookup_elem(&ssl_calls, &id), call;
 
 	if (!p)
@@ -253,9 +300,7 @@ int up_ssl_return(struct pt_regs *ctx)
 	} else if (ret > 0) {
 		m.len = ret;
 	}
-	ck.id = call.ssl;
-	m.buf = call.buf;
-	return http_on_payload(tfo_current_task(), &ck, NULL, call.sent, &m);
+	return http_on_payload(call.ssl, id >> 32, call.sent, call.buf, m.len);
 }
 
 #endif /* TFO_HTTP_BPF_H */

@@ -34,6 +34,19 @@ struct l7_key {
 	__u16 pad;
 };
 
+#define L7_BUF 512 /* scratch for payload bytes: a power of two, offsets are masked into it */
+
+struct l7_buf {
+	__u8 b[L7_BUF];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct l7_buf);
+} l7_scratch SEC(".maps");
+
 /* Arguments 0..4 of the syscall. */
 struct l7_call {
 	unsigned long arg[5];

@@ -144,12 +144,13 @@ def resolver(tmp: Path) -> Iterator[Resolver]:
 NGINX_CONF = """daemon off;
 master_process on;
 worker_processes 1;
+user root;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log;
 events {{ worker_connections 256; }}
 http {{
-  access_log {dir}/access.log t14;
   log_format t14 '$request_method $status';
+  access_log {dir}/access.log t14;
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fastcgi;
@@ -158,6 +159,7 @@ http {{
   default_type text/plain;
   sendfile on;
   keepalive_requests 100000;
+  client_max_body_size 16m;
   gzip on;
   gzip_min_length 1;
   gzip_types text/plain;
@@ -212,7 +214,8 @@ def nginx(tmp: Path, comm: str) -> Iterator[Nginx]:
     proc = subprocess.Popen([exe, "-p", str(d), "-c", str(d / "nginx.conf")], stderr=subprocess.PIPE)
     try:
         if not wait_for(lambda: (d / "nginx.pid").exists() and _listening(port), 15):
-            raise RuntimeError(f"nginx did not start: {(d / 'error.log').read_text(errors='replace')}")
+            proc.kill()
+            raise RuntimeError(f"nginx did not start: {proc.communicate()[1].decode(errors='replace')}")
         yield Nginx(comm, port, tls_port, d, str(d / "ca.pem"))
     finally:
         proc.terminate()

@@ -73,7 +73,8 @@ remote-control:
 
 def named(tool: str, name: str, where: Path) -> str:
     """A symlink to ``tool`` called ``name``: what it runs has comm ``name``."""
-    link = where / name
+    link = where / "bin" / name
+    link.parent.mkdir(exist_ok=True)
     if not link.exists():
         link.symlink_to(shutil.which(tool) or tool)
     return str(link)

@@ -51,7 +51,8 @@ pytest: setup
 # The accuracy tests forced onto the compat build (kernels before 5.11) and onto the network
 # collector's syscall mode (kernels before 6.3), so each fallback is proven on this kernel too.
 BPF_TESTS := tests/test_syscalls.py tests/test_file_io.py tests/test_network.py tests/test_tcp_events.py \
-	tests/test_scheduler.py tests/test_memory.py tests/test_comm_cap.py tests/test_selftest.py tests/test_pods.py
+	tests/test_scheduler.py tests/test_memory.py tests/test_comm_cap.py tests/test_selftest.py tests/test_pods.py \
+	tests/test_dns.py tests/test_http.py
 pytest-fallbacks: setup
 	TFO_AGENT_FORCE_VARIANT=compat $(PY) -m pytest -q $(BPF_TESTS)
 	TFO_AGENT_FORCE_ATTACH=network=raw_tp/syscalls $(PY) -m pytest -q tests/test_network.py tests/test_selftest.py

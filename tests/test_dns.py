@@ -184,3 +184,23 @@ def test_bad_input_is_never_a_wrong_count(dns: Resolver, agent_factory: Callable
     assert seen.queries == {"A": 1}  # the one good query
     assert not seen.responses and seen.latency_count == 0
     assert seen.errors == 5
+
+
+def test_names_over_the_comm_cap_fold_into_other_with_totals_kept(
+    dns: Resolver, agent_factory: Callable[..., Agent]
+) -> None:
+    """max_comm_series 2: the first process keeps its series, the next two count as comm="other"."""
+    comms = [unique(f"cap{i}14") for i in range(3)]
+    agent = agent_factory(
+        {"integrations": {"ebpf": {"collect_dns": True, "process_filter": comms, "max_comm_series": 2}}}
+    )
+    n = 10
+    for comm in comms:
+        run_client(dns, comm, "timed", n)
+        agent.scrape_text()  # names are admitted in the order the agent reads them
+    first, other = Seen(agent, comms[0]), Seen(agent, "other")
+    assert first.queries == {"A": n} and first.latency_count == n
+    assert other.queries == {"A": 2 * n} and other.responses == {("A", "No Error"): 2 * n}
+    assert other.latency_count == 2 * n
+    assert agent.value("tfo_agent_dns_comm_folded_total") == 2
+    assert not any(Seen(agent, c).queries for c in comms[1:])

@@ -164,12 +164,25 @@ def test_missing_config_file_and_bad_flag() -> None:
 
 
 def test_check_passes_here_and_reports_unavailable_features(tmp_path: Path) -> None:
+    """Every collect_* switch is in this build: the feature made unavailable here is Hubble, whose
+    gRPC import fails (a grpc package that raises shadows the real one)."""
     path = tmp_path / "ok.yaml"
-    path.write_text(f"integrations:\n  ebpf:\n    programs_path: {ROOT / 'bpf'}\n    collect_dns: true\n")
-    out = cli("check", "-c", str(path))
+    path.write_text(
+        f"integrations:\n  ebpf:\n    programs_path: {ROOT / 'bpf'}\n    collect_dns: true\n    collect_http: true\n"
+        "    cilium: {enabled: true, hubble_tls_enabled: false}\n"
+    )
+    shadow = tmp_path / "shadow" / "grpc"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": str(shadow.parent)}
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "check", "-c", str(path)], capture_output=True, text=True, cwd=ROOT, env=env
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "[OK  ] collector syscalls: attaches via tp_btf" in out.stdout
-    assert "[WARN] collect_dns: enabled but not available" in out.stdout
+    for name in ("dns", "http"):
+        assert f"[OK  ] collector {name}: attaches via tp_btf" in out.stdout
+    assert "[WARN] cilium: enabled but not available" in out.stdout
 
 
 def test_check_fails_with_remedy_when_a_collector_cannot_load(tmp_path: Path) -> None:

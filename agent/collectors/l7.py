@@ -14,10 +14,11 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Iterable, Sequence
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Optional
 
 from agent.collectors import TRACEPOINT, BpfCollector, log2_histogram
 from agent.collectors.comm_cap import NS, NS_MAX_SLOT, NS_MIN_SLOT, OTHER, CommCap, decode_comm
+from agent.collectors.labels import Attribution
 from agent.collectors.syscalls import SYSCALL_HOOK_MODES
 from agent.config import EbpfConfig
 from agent.filters import UNIT, Filters
@@ -95,8 +96,8 @@ class L7Collector(BpfCollector):
     errors_map: ClassVar[str]
     error_reasons: ClassVar[tuple[str, ...]]  # index in errors_map -> reason label
 
-    def __init__(self, cfg: EbpfConfig, filters: Filters) -> None:
-        super().__init__(cfg, filters)
+    def __init__(self, cfg: EbpfConfig, filters: Filters, attribution: Optional[Attribution] = None) -> None:
+        super().__init__(cfg, filters, attribution)  # attribution: container labels, not used here yet
         self.cap = CommCap(cfg.max_comm_series)
         self.stats = L7Stats(self.cap)
 

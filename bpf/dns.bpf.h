@@ -100,7 +100,7 @@ __noinline int dns_message(__u64 sk, int sent, __u64 buf, __u64 len)
 	__u16 qtype;
 	__u8 *b, flags;
 
-	if (!tfo_task_observed(task))
+	if (!l7_observed())
 		return 0;
 	b = bpf_map_lookup_elem(&l7_scratch, &zero);
 	if (!b)

@@ -121,29 +121,58 @@ static __always_inline int http_classify(const __u8 *b, __u32 n, __u16 *code)
 	return HTTP_RESP;
 }
 
+/* What the payload at buf (len bytes) starts with: HTTP_* << 16 | method or status. A global
+ * function: the verifier checks the nine token comparisons once, whatever the caller. */
+__noinline int http_peek(__u64 buf, __u64 len)
+{
+	__u32 n = len < HTTP_PEEK ? len : HTTP_PEEK;
+	__u8 b[HTTP_PEEK] = {};
+	__u16 code = 0;
+	int what;
+
+	if (!n || bpf_probe_read_user(b, n, (void *)buf))
+		return HTTP_NONE;
+	what = http_classify(b, n, &code);
+	return what << 16 | code;
+}
+
 #define HTTP_AT(s, i) ((s)[(i) & (L7_BUF - 1)])
 
-/* An interim response (100 Continue, 103 Early Hints) started the payload m: the final response may
- * follow in the same read or write, within its first HTTP_SCAN bytes. What follows the interim
- * heads there: HTTP_RESP << 16 | status, HTTP_PARTIAL when it is cut short, else HTTP_NONE (the
- * final response comes later). One flat loop over the bytes: heads end with an empty line. */
+/* The offset just past the first empty line ("\r\n\r\n", the end of a head) at or after pos in the
+ * first n bytes of the scratch buffer, 0 if none. A global function: verified once, on its own. */
+__noinline int http_head_end(__u32 pos, __u32 n)
+{
+	__u32 zero = 0;
+	__u8 *s = bpf_map_lookup_elem(&l7_scratch, &zero);
+
+	if (!s)
+		return 0;
+	for (__u32 i = 0; i < HTTP_SCAN - 3; i++) {
+		__u32 at = pos + i;
+
+		if (at + 4 > n)
+			return 0;
+		if (HTTP_AT(s, at) == '\r' && HTTP_AT(s, at + 1) == '\n' && HTTP_AT(s, at + 2) == '\r' &&
+		    HTTP_AT(s, at + 3) == '\n')
+			return at + 4;
+	}
+	return 0;
+}
+
+/* An interim response (100 Continue, 103 Early Hints) started the payload at buf (len bytes): the
+ * final response may follow in the same read or write, within its first HTTP_SCAN bytes. What
+ * follows the interim heads there: HTTP_RESP << 16 | status, HTTP_PARTIAL when it is cut short,
+ * else HTTP_NONE (the final response comes later). */
 __noinline int http_after_interims(__u64 buf, __u64 len)
 {
-	__u32 zero = 0, n = len < HTTP_SCAN ? len : HTTP_SCAN, i, code;
+	__u32 zero = 0, n = len < HTTP_SCAN ? len : HTTP_SCAN, p = 0, code;
 	__u8 *s = bpf_map_lookup_elem(&l7_scratch, &zero);
 
 	if (!s || n < 4 || bpf_probe_read_user(s, n, (void *)buf))
 		return HTTP_NONE;
-	for (i = 0; i < HTTP_SCAN - 4; i++) {
-		__u32 p = i + 4;
-
-		if (p > n)
-			break;
-		barrier_var(i);
-		if (HTTP_AT(s, i) != '\r' || HTTP_AT(s, i + 1) != '\n' || HTTP_AT(s, i + 2) != '\r' ||
-		    HTTP_AT(s, i + 3) != '\n')
-			continue;
-		if (p == n)
+	for (int r = 0; r < HTTP_INTERIMS; r++) {
+		p = http_head_end(p, n);
+		if (!p || p >= n)
 			return HTTP_NONE;
 		if (p + 12 > n)
 			return HTTP_PARTIAL;
@@ -166,18 +195,14 @@ __noinline int http_on_payload(__u64 id, __u32 tgid, int sent, __u64 buf, __u64 
 	struct http_conn_key key = { .id = id, .tgid = tgid }, *ck = &key;
 	struct task_struct *task = tfo_current_task();
 	const struct sock *sk = tgid ? NULL : (const struct sock *)id;
-	__u32 n = len < HTTP_PEEK ? len : HTTP_PEEK;
+	int what = http_peek(buf, len);
+	__u16 code = what & 0xffff;
 	struct http_conn *c, now = {};
-	__u8 b[HTTP_PEEK] = {};
 	struct l7_key k;
-	__u16 code = 0;
-	int what;
 	__u8 role;
 
-	if (!n || bpf_probe_read_user(b, n, (void *)buf))
-		return 0;
-	what = http_classify(b, n, &code);
-	if (what == HTTP_NONE || !tfo_task_observed(task))
+	what >>= 16;
+	if (what == HTTP_NONE || !l7_observed())
 		return 0;
 	if (what == HTTP_PARTIAL) {
 		l7_error(&http_errors, HTTP_ERR_TRUNCATED, 1);
@@ -266,7 +291,7 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, bool sent, bool ex)
 	};
 	__u64 id;
 
-	if (!(tfo_features & F_HTTP) || !tfo_task_observed(tfo_current_task()))
+	if (!(tfo_features & F_HTTP)) /* the filters apply at the return, to what was moved */
 		return 0;
 	id = bpf_get_current_pid_tgid();
 	bpf_map_update_elem(&ssl_calls, &id, &call, BPF_ANY);

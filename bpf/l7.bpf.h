@@ -59,6 +59,13 @@ struct l7_msg {
 	unsigned long name; /* user sockaddr of the peer (unconnected sockets), else 0 */
 };
 
+/* Does the current task pass the filters? One global function, so that the verifier checks the
+ * filter code once per program rather than once per parser that asks. */
+__noinline int l7_observed(void)
+{
+	return tfo_task_observed(tfo_current_task()) != NULL;
+}
+
 static __always_inline void l7_key_init(struct l7_key *k, struct task_struct *task)
 {
 	__builtin_memset(k, 0, sizeof(*k));

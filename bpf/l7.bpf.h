@@ -191,6 +191,49 @@ static __always_inline bool l7_peeks(int kind, const struct l7_call *c)
 #include "dns.bpf.h"
 #include "http.bpf.h"
 
+/* The socket behind descriptor fd (NULL if none) with its family, protocol and type. The cast build
+ * (kernel 6.2+) reads the descriptor table, file, socket and sock with plain loads, as file I/O does;
+ * the others with CO-RE probe reads. */
+static __always_inline const struct sock *l7_sock(struct task_struct *task, long fd, __u16 *family, __u16 *proto,
+						  __u16 *type)
+{
+#ifdef TFO_RDONLY_CAST
+	struct fdtable *fdt = task->files->fdt;
+	struct socket *so;
+	struct sock *sk;
+	struct file *f;
+	__u64 id = 0;
+
+	if (fd < 0 || fd >= fdt->max_fds)
+		return NULL;
+	f = ((struct file **)bpf_rdonly_cast(fdt->fd, 0))[fd]; /* not a BTF type: plain memory */
+	if (!f)
+		return NULL;
+	f = bpf_rdonly_cast(f, bpf_core_type_id_kernel(struct file));
+	if ((f->f_inode->i_mode & TFO_S_IFMT) != S_IFSOCK || !f->private_data)
+		return NULL;
+	so = bpf_rdonly_cast(f->private_data, bpf_core_type_id_kernel(struct socket));
+	sk = so->sk;
+	if (!sk)
+		return NULL;
+	*family = sk->__sk_common.skc_family;
+	*proto = sk->sk_protocol;
+	*type = sk->sk_type;
+	/* its address as a plain number, which the parsers (global functions) take and key state by */
+	bpf_probe_read_kernel(&id, sizeof(id), &so->sk);
+	return (const struct sock *)id;
+#else
+	const struct sock *sk = sock_of_fd(task, fd);
+
+	if (!sk)
+		return NULL;
+	*family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	*proto = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol);
+	*type = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_type);
+	return sk;
+#endif
+}
+
 /* A socket syscall of kind moved data (ret > 0): hand UDP to DNS and TCP to HTTP. */
 static __noinline int l7_sys_exit(int kind, struct l7_call *c, long ret)
 {
@@ -200,14 +243,9 @@ static __noinline int l7_sys_exit(int kind, struct l7_call *c, long ret)
 
 	if (tfo_in_compat_syscall(task) || l7_peeks(kind, c))
 		return 0;
-	sk = sock_of_fd(task, c->arg[0]);
-	if (!sk)
+	sk = l7_sock(task, c->arg[0], &family, &proto, &type);
+	if (!sk || (family != L7_AF_INET && family != L7_AF_INET6))
 		return 0;
-	family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	if (family != L7_AF_INET && family != L7_AF_INET6)
-		return 0;
-	proto = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol);
-	type = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_type);
 	if (proto == IPPROTO_UDP && type == SOCK_DGRAM && (tfo_features & F_DNS))
 		dns_on_syscall(task, sk, kind, c, ret);
 	else if (proto == IPPROTO_TCP && type == SOCK_STREAM && (tfo_features & F_HTTP))

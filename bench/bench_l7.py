@@ -7,10 +7,10 @@ against nginx (one worker, keep-alive, a 23-byte file) over plaintext and TLS; d
 unbound serving a local zone in a network namespace (port 53); a C loop of getppid (CPU time per
 call: the path of every syscall that moves no socket data). Each figure is the median over the
 rounds; each loss the median of the changes against the same round's defaults run (paired, so
-that drift in the host's load cancels). Then one more run of every workload with both L7
-collectors on and ``kernel.bpf_stats_enabled``, for the per-program cost.
+that drift in the host's load cancels). Then one more run of the workloads per
+configuration with ``kernel.bpf_stats_enabled``, for the per-program cost.
 
-Run: .venv/bin/python -m bench.bench_l7 [--rounds 5] [--seconds 5]
+Run: .venv/bin/python -m bench.bench_l7 [--rounds 5] [--seconds 5] [--only http|dns]
 """
 
 from __future__ import annotations
@@ -58,54 +58,89 @@ def dnsperf(res: Resolver, queries: Path, seconds: float) -> float:
     return float(m.group(1))
 
 
-def run_workloads(srv: Nginx, res: Resolver, queries: Path, getppid: Path, seconds: float) -> dict[str, float]:
-    return {
-        WORKLOADS[0]: wrk(f"http://127.0.0.1:{srv.port}/index.html", seconds),
-        WORKLOADS[1]: wrk(f"https://127.0.0.1:{srv.tls_port}/index.html", seconds),
-        WORKLOADS[2]: dnsperf(res, queries, seconds),
-        WORKLOADS[3]: cpu_seconds_of([str(getppid), str(GETPPID_CALLS)]) / GETPPID_CALLS * 1e9,
-    }
+def run_workloads(
+    srv: Nginx, res: Resolver, queries: Path, getppid: Path, seconds: float, only: str = ""
+) -> dict[str, float]:
+    out = {WORKLOADS[3]: cpu_seconds_of([str(getppid), str(GETPPID_CALLS)]) / GETPPID_CALLS * 1e9}
+    if only != "dns":
+        out[WORKLOADS[0]] = wrk(f"http://127.0.0.1:{srv.port}/index.html", seconds)
+        out[WORKLOADS[1]] = wrk(f"https://127.0.0.1:{srv.tls_port}/index.html", seconds)
+    if only != "http":
+        out[WORKLOADS[2]] = dnsperf(res, queries, seconds)
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each wrk and dnsperf run")
+    ap.add_argument("--only", choices=("http", "dns"), default="", help="one collector's arm and workloads")
     args = ap.parse_args()
+    configs = {c: e for c, e in CONFIGS.items() if not args.only or c in ("defaults", f"defaults+{args.only}")}
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-l7-"))
     (work / "getppid.c").write_text(GETPPID_LOOP)
     getppid = work / "getppid_loop"
     subprocess.run(["gcc", "-O2", "-o", str(getppid), str(work / "getppid.c")], check=True)
     queries = work / "queries.txt"
     queries.write_text("".join(f"a.{ZONE} {t}\n" for t in ("A", "AAAA", "MX", "TXT")) + f"nx.{ZONE} A\n")
-    results: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in CONFIGS}
+    results: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
     with nginx(work, "nginx") as srv, resolver(work) as res:
         for r in range(args.rounds):
-            for config, ebpf in CONFIGS.items():
+            for config, ebpf in configs.items():
                 with running_agent(ebpf, work):
-                    for w, v in run_workloads(srv, res, queries, getppid, args.seconds).items():
+                    for w, v in run_workloads(srv, res, queries, getppid, args.seconds, args.only).items():
                         results[config][w].append(v)
             print(f"round {r + 1}/{args.rounds}: load {os.getloadavg()[0]:.1f}", flush=True)
         report(results, args)
-        with running_agent({**DEFAULTS, "collect_http": True, "collect_dns": True}, work) as agent:
-            assert agent is not None and agent.proc is not None
-            with bpf_stats():
-                run_workloads(srv, res, queries, getppid, args.seconds)
-            costs = program_costs(agent.proc.pid)
-    print("\ndefaults+http+dns: programs during one run of the workloads (kernel.bpf_stats_enabled):\n")
-    print("| program | runs | ns per run | ms in total |\n|---|---|---|---|")
-    for name, (runs, ns) in sorted(costs.items(), key=lambda kv: -kv[1][1]):
-        print(f"| {name} | {runs:,} | {ns / runs:.0f} | {ns / 1e6:.0f} |")
+        print("\nsys_exit per run, by workload (kernel.bpf_stats_enabled; one run each, after the rounds):\n")
+        print(f"| configuration | {' | '.join(w.split(' (')[0] for w in WORKLOADS)} |\n|---|{'---|' * len(WORKLOADS)}")
+        for config, ebpf in configs.items():
+            with running_agent(ebpf, work) as agent:
+                assert agent is not None and agent.proc is not None
+                cells = [program_ns(agent.proc.pid, srv, res, queries, getppid, args, w) for w in WORKLOADS]
+            print(f"| {config} | {' | '.join(cells)} |")
     return 0
+
+
+def program_ns(
+    pid: int, srv: Nginx, res: Resolver, queries: Path, getppid: Path, args: argparse.Namespace, workload: str
+) -> str:
+    """One run of ``workload`` with bpf_stats on: ns per run of tpbtf_sys_exit, and of the uprobes."""
+    kind = {WORKLOADS[2]: "dns", WORKLOADS[3]: "getppid"}.get(workload, "http")
+    if args.only and kind not in (args.only, "getppid"):
+        return "-"
+    before = program_costs(pid)
+    with bpf_stats():
+        if workload == WORKLOADS[3]:
+            cpu_seconds_of([str(getppid), str(GETPPID_CALLS)])
+        elif workload == WORKLOADS[2]:
+            dnsperf(res, queries, args.seconds)
+        else:
+            wrk(
+                f"http://127.0.0.1:{srv.port}/index.html"
+                if workload == WORKLOADS[0]
+                else f"https://127.0.0.1:{srv.tls_port}/index.html",
+                args.seconds,
+            )
+        after = program_costs(pid)
+    cells = []
+    for name in ("tpbtf_sys_exit", "up_ssl_return", "up_ssl_read", "up_ssl_write"):
+        runs, ns = (a - b for a, b in zip(after.get(name, (0, 0)), before.get(name, (0, 0))))
+        if runs:
+            cells.append(f"{name.removeprefix('tpbtf_')} {ns / runs:.0f} ns x {runs:,}")
+    return "; ".join(cells)
 
 
 def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
     base = results["defaults"]
     print(f"\nmedian of {args.rounds} interleaved rounds, {args.seconds:g} s per run, load {os.getloadavg()[0]:.1f}:\n")
     print(f"| configuration | {' | '.join(WORKLOADS)} |\n|---|{'---|' * len(WORKLOADS)}")
-    for config in CONFIGS:
+    for config in results:
         cells = []
         for w in WORKLOADS:
+            if not results[config][w]:
+                cells.append("-")
+                continue
             med = statistics.median(results[config][w])
             if config == "defaults":
                 cells.append(f"{med:,.0f}")

@@ -203,3 +203,35 @@ def test_playbooks_syntax(playbook: str) -> None:
 
 def test_ansible_lint_production_profile() -> None:
     run_ok([tool("ansible-lint"), "--offline", "--profile", "production", *LINTED], 600, cwd=REPO)
+
+
+def test_monitoring_play_installs_validated_rules_and_dashboards(tmp_path: Path) -> None:
+    """install.yml's Prometheus play, run for real on this machine (local connection) into a
+    temporary tree: the rule file passes promtool on the way in, every dashboard lands."""
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        yaml.safe_dump(
+            {
+                "prometheus_servers": {
+                    "hosts": {
+                        "localhost": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+                    }
+                }
+            }
+        )
+    )
+    rules, boards = tmp_path / "rules", tmp_path / "dashboards"
+    out = subprocess.run(
+        [
+            "ansible-playbook", "-i", str(inventory), str(REPO / "playbooks" / "install.yml"),
+            "--limit", "prometheus_servers",
+            "-e", f"tfo_agent_prometheus_rules_dir={rules} tfo_agent_grafana_dashboards_dir={boards}",
+            "-e", "tfo_agent_prometheus_service='' tfo_agent_target_hosts=agents",  # no agent play here
+        ],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, ANSIBLE_ROLES_PATH=str(REPO / "roles"), ANSIBLE_NOCOLOR="1"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert (rules / "tfo-agent.rules.yml").read_text() == (REPO / "monitoring/rules/tfo-agent.rules.yml").read_text()
+    shipped = sorted(p.name for p in (REPO / "monitoring/dashboards").iterdir())
+    assert sorted(p.name for p in boards.iterdir()) == shipped

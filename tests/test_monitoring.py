@@ -1,17 +1,20 @@
 """The dashboards and rules in monitoring/, proven against a real Prometheus (Debian's) scraping a real
-agent: the default collectors plus scheduler and memory, and Hubble from the demo replay relay,
-while this test makes syscalls, files and TCP connections. Every query is taken from the JSON and
-YAML themselves, so a panel or rule added later is covered too."""
+agent: the default collectors plus scheduler, memory, DNS and HTTP, and Hubble from the demo replay
+relay, while this test makes syscalls, files, TCP connections, DNS queries and HTTP requests. Every
+query is taken from the JSON and YAML themselves, so a panel or rule added later is covered too."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -173,11 +176,55 @@ class Prometheus:
         self.log.close()
 
 
+def dns_server(sock: socket.socket) -> None:
+    """Answer DNS queries on ``sock``: names starting with "nx" with NXDOMAIN, the rest with no answer."""
+    while True:
+        try:
+            query, peer = sock.recvfrom(512)
+        except OSError:
+            return
+        rcode = 3 if query[13:15] == b"nx" else 0
+        sock.sendto(query[:2] + bytes([0x81, 0x80 | rcode]) + query[4:6] + b"\0" * 6 + query[12:], peer)
+
+
+def dns_query(name: str) -> bytes:
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+    return b"\x12\x34\x01\x00\x00\x01" + b"\0" * 6 + labels + b"\0\x00\x01\x00\x01"
+
+
+class Quiet(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        status = 404 if self.path.startswith("/missing") else 200
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
 def workload(seconds: float) -> None:
-    """Syscalls (with errors), file I/O and loopback TCP connections from this process."""
+    """Syscalls (with errors), file I/O, loopback TCP connections, DNS queries to a responder on
+    127.0.0.1:53 and HTTP requests to a server in this process (both directions are seen)."""
     deadline = time.monotonic() + seconds
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dns.bind(("127.0.0.1", 53))
+    threading.Thread(target=dns_server, args=(dns,), daemon=True).start()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.connect(("127.0.0.1", 53))
     with socket.create_server(("127.0.0.1", 0)) as srv:
         while time.monotonic() < deadline:
+            for name in ("www.example.test", "nx.example.test"):
+                client.send(dns_query(name))
+                client.recv(512)
+            for path in ("/", "/missing"):
+                conn = http.client.HTTPConnection(*web.server_address, timeout=5)
+                conn.request("GET", path)
+                conn.getresponse().read()
+                conn.close()
             with contextlib.suppress(OSError):
                 open("/nonexistent/tfo-monitoring")  # noqa: SIM115 (an ENOENT on purpose)
             with socket.create_connection(srv.getsockname()) as c:
@@ -187,11 +234,15 @@ def workload(seconds: float) -> None:
                 conn.close()
             Path("/tmp/tfo-monitoring-file").write_bytes(b"y" * 8192)
             time.sleep(0.05)
+    client.close()
+    dns.close()
+    web.shutdown()
+    web.server_close()
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Relay, agent (defaults + scheduler + memory + Hubble), a second agent whose memory collector
+    """Relay, agent (defaults + scheduler + memory + DNS + HTTP + Hubble), a second agent whose memory collector
     cannot attach (forced to a mode it lacks), and Prometheus scraping both, with the shipped rules
     copied with every `for:` set to 0s so that the alerts fire within the test."""
     work = tmp_path_factory.mktemp("monitoring")
@@ -204,7 +255,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     )
     hubble = {"enabled": True, "hubble_address": f"127.0.0.1:{relay_port}", "hubble_tls_enabled": False}
     hubble["flow_scope"] = "cluster"
-    ebpf = {f"collect_{c}": True for c in ("syscalls", "network", "file_io", "tcp_events", "scheduler", "memory")}
+    collectors = ("syscalls", "network", "file_io", "tcp_events", "scheduler", "memory", "dns", "http")
+    ebpf = {f"collect_{c}": True for c in collectors}
     agent = Agent({"integrations": {"ebpf": {**ebpf, "cilium": hubble}}}, work).start()
     broken = Agent({"integrations": {"ebpf": {"collect_memory": True}}}, work)
     with pytest.MonkeyPatch.context() as env:

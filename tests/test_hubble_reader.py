@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.hubble.client import read_in_bursts
+from agent.hubble.client import NAP, read_in_bursts
 from agent.hubble.demo import demo_flows
 from tests.conftest_hubble import agent, base_config, exported, relay, self_metric, settle, wait_for
 
@@ -45,16 +45,20 @@ def test_families_are_the_same_objects_until_flows_change_them() -> None:
 
 class Stream:
     """A simulated stream: ``rate`` messages of ``size`` bytes per second, arriving in a burst every
-    2 ms (as a relay writes them), the reader spending ``cost`` s on each; its clock and sleep are
-    the reader's."""
+    2 ms (as a relay writes them); as gRPC reads the socket a chunk at a time, reading takes
+    ``read_cost`` s at every ``chunk``-th message found already there; the reader then spends
+    ``cost`` s on each (``read_all``). Its clock and sleep are the reader's."""
 
-    def __init__(self, rate: float, size: int = 230, cost: float = 10e-6) -> None:
-        self.rate, self.size, self.cost = rate, size, cost
-        self.now = 0.0
+    def __init__(self, rate: float, size: int = 230, cost: float = 10e-6, chunk: int = 0, read_cost: float = 0) -> None:
+        self.rate, self.size, self.cost, self.chunk, self.read_cost = rate, size, cost, chunk, read_cost
+        self.now = self.busy = 0.0
         self.naps: list[float] = []
 
     def clock(self) -> float:
         return self.now
+
+    def active(self) -> float:
+        return self.busy
 
     def sleep(self, seconds: float) -> None:
         self.naps.append(seconds)
@@ -64,22 +68,51 @@ class Stream:
         burst = max(1, round(self.rate * 0.002))
         for i in range(count):
             arrival = (i // burst) * burst / self.rate
-            self.now = max(self.now + self.cost, arrival)  # waits for the message if it is not there yet
+            if arrival > self.now:
+                self.now = arrival  # waits for it
+            elif self.chunk and i % self.chunk == 0:
+                self.now += self.read_cost  # the next chunk of what has piled up
+                self.busy += self.read_cost
             yield b"x" * self.size
 
+    def lag(self, count: int) -> float:
+        """How long after the last message arrived the reader was done with it."""
+        return (
+            self.now - ((count - 1) // max(1, round(self.rate * 0.002))) * max(1, round(self.rate * 0.002)) / self.rate
+        )
 
-def naps_at(rate: float, seconds: float = 2.0) -> list[float]:
+
+def read_all(stream: Stream, seconds: float = 2.0) -> list[float]:
+    """Read ``seconds`` of ``stream``; the naps taken."""
+    messages = stream.messages(int(stream.rate * seconds))
+    for _ in read_in_bursts(messages, clock=stream.clock, sleep=stream.sleep, active=stream.active):
+        stream.now += stream.cost  # aggregating it
+        stream.busy += stream.cost
+    return stream.naps
+
+
+@pytest.mark.parametrize("rate", [1000, 5000, 15_000])
+def test_a_slow_stream_is_read_in_naps(rate: float) -> None:
     stream = Stream(rate)
-    for _ in read_in_bursts(stream.messages(int(rate * seconds)), clock=stream.clock, sleep=stream.sleep):
-        pass
-    return stream.naps[2:]  # after the first cycles' estimate
+    naps = read_all(stream)
+    assert len(naps) >= 60 and set(naps) == {NAP}  # ~90 naps of 20 ms in 2 s (less the probes)
+    assert stream.lag(int(rate * 2.0)) <= NAP + 0.003
 
 
-@pytest.mark.parametrize(("rate", "lo", "hi"), [(1000, 0.02, 0.02), (5000, 0.02, 0.02), (30_000, 0.008, 0.011)])
-def test_naps_last_as_long_as_64_kib_take_to_arrive(rate: float, lo: float, hi: float) -> None:
-    naps = naps_at(rate)
-    assert naps and all(lo - 1e-9 <= n <= hi + 1e-9 for n in naps), naps[:10]
+@pytest.mark.parametrize("rate", [25_000, 80_000])
+def test_a_fast_stream_is_read_without_naps(rate: float) -> None:
+    assert read_all(Stream(rate)) == []
 
 
-def test_a_fast_stream_is_read_without_naps() -> None:
-    assert naps_at(80_000) == []
+def test_the_chunks_of_a_naps_pile_are_read_whole() -> None:
+    """Reading each chunk of a pile takes longer than IDLE_WAIT: were those reads taken for waits,
+    every chunk would be followed by a nap, and the reader would read a chunk per nap."""
+    stream = Stream(15_000, chunk=40, read_cost=0.0008)
+    assert read_all(stream) and stream.lag(30_000) <= NAP + 0.005
+
+
+@pytest.mark.parametrize(("rate", "cost"), [(30_000, 40e-6), (12_000, 80e-6)])
+def test_a_reader_that_barely_keeps_up_does_not_nap(rate: float, cost: float) -> None:
+    """At 40 µs per flow 30,000 flows/s cannot be kept up with, at 80 µs 12,000 flows/s barely
+    (a slow stream by its rate): a nap would only add to the lag."""
+    assert read_all(Stream(rate, cost=cost, chunk=280, read_cost=0.0008)) == []

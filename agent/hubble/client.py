@@ -64,21 +64,29 @@ FIELD_MASK = (
     "traffic_direction",
     "policy_match_type",
 )
-# A trickling stream costs a wake-up per message; after a wait the reader naps so that messages
-# queue up and are read in a burst (adds at most NAP of latency, nothing is lost). Naps stop (but
-# for one a second) when they gather no burst of MIN_BURST messages, so a slow host, where every
-# read takes longer than IDLE_WAIT, is not slowed further. During a nap nothing reads the socket:
-# what arrives waits in the socket's receive buffer and the HTTP/2 window (both window_bytes, see
-# stream_options), and when they are full the relay waits. A nap therefore lasts as long as
-# NAP_BYTES take to arrive at the rate the stream had since the previous nap began (20 ms below
-# ~3 MB/s, ~14k flows/s; shorter above; none above NAP_BYTES/MIN_NAP, ~57k flows/s, where reads
-# come in bursts anyway). NAP_BYTES is half of Linux's default socket buffer, so naps do not cap
-# the rate even where that buffer stays the default: a nap that found it full measures a rate at
-# least twice NAP_BYTES per nap, and the next nap is at most half as long.
+# A trickling stream costs a wake-up per message; after a wait the reader naps NAP so that
+# messages queue up and are read in a burst (adds at most NAP of latency, nothing is lost: what
+# arrives meanwhile waits in the socket's receive buffer and the HTTP/2 window, both window_bytes,
+# see stream_options). Naps are only for slow streams, below NAP_RATE; the rate is measured while
+# reading without naps, PROBE seconds out of every PROBE_EVERY, from the probe's first wait on (a
+# nap's pile would inflate it). Only a reader that was idle (neither running nor waiting for a CPU)
+# for IDLE_SHARE of a probe naps at all: one that was busy, or starved on a loaded host, is about
+# as fast as its stream whatever the rate, and a nap would only put it behind.
+#
+# It cannot be measured while napping, nor can a wait be told from a read by its duration alone:
+# gRPC reads the socket a chunk at a time, and reading a chunk of what piled up can take
+# milliseconds on a busy host. A reader that took such reads for waits and napped after each would
+# read one chunk per nap (~64 KB per 20 ms, ~13k flows/s) whatever the stream's rate: the slow mode.
+# So after a nap, a slow read counts as a wait only once the reader has read what the nap should
+# have gathered at the measured rate; if the stream got faster meanwhile, the next probe (within
+# PROBE_EVERY) reads what piled up and stops the naps. Naps also stop (but for one a
+# second) when they gather no burst of MIN_BURST messages: on a slow host, where every read takes
+# longer than IDLE_WAIT, the reader is not slowed further.
 IDLE_WAIT = 0.0002
 NAP = 0.02
-MIN_NAP = 0.005
-NAP_BYTES = 64 * 1024
+NAP_RATE = 4e6  # bytes/s, ~18k flows/s; a nap then gathers ~80 KB, within Linux's default socket buffer
+IDLE_SHARE = 0.5
+PROBE, PROBE_EVERY = 0.2, 1.0
 MIN_BURST = 8
 BATCH = 256  # flows handed to the aggregator at once (fewer when the stream pauses first)
 # The stream's receive window and socket buffer, per flow_buffer_size message (4096 -> 1 MiB): how
@@ -87,29 +95,50 @@ WINDOW_BYTES_PER_FLOW = 256
 _FLOW_TAG = b"\n"  # field 1 (flow), length-delimited: how a flow GetFlowsResponse starts on the wire
 
 
+def thread_active() -> float:
+    """Seconds the calling thread has been running or waiting for a CPU (its schedstat)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            run, wait = f.read().split()[:2]
+        return (int(run) + int(wait)) / 1e9
+    except (OSError, ValueError):
+        return time.thread_time()
+
+
 def read_in_bursts(
     messages: Iterable[bytes],
     waited: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    active: Callable[[], float] = thread_active,
 ) -> Iterator[bytes]:
     """Yield ``messages``; after having to wait for one, call ``waited`` and nap (see NAP) so that the
     next ones pile up."""
-    ready = last_nap = since = clock()  # since: when the current nap-and-read cycle began
-    quick = size = 0  # messages that were there when asked for / bytes read, this cycle
+    ready = last_nap = probed = clock()  # probed: when the current (or last) probe began measuring
+    rate = 0.0  # bytes/s, as the last probe measured
+    probing, measuring, probe_bytes, probe_active = True, True, 0, active()
+    quick = read = 0  # messages that were there when asked for, since the last nap / bytes read since
     for raw in messages:
         t = clock()
+        if measuring and t - probed >= PROBE:
+            idle = active() - probe_active <= (1 - IDLE_SHARE) * (t - probed)
+            rate, probing, measuring = (probe_bytes / (t - probed) if idle else NAP_RATE), False, False
+        elif not probing and t - probed >= PROBE_EVERY:
+            probing = True  # it measures from its first wait on: a nap's pile would inflate the rate
         if t - ready <= IDLE_WAIT:
             quick += 1
-        else:
+        elif probing or read >= rate * NAP:  # a wait, not the next chunk of a nap's pile
             waited()
-            if quick >= MIN_BURST or t - last_nap > 1.0:
-                nap = min(NAP, NAP_BYTES * (t - since) / size) if size else NAP
-                since, quick, size = t, 0, 0
-                if nap >= MIN_NAP:
-                    sleep(nap)
-                    last_nap = clock()
-        size += len(raw)
+            if probing and not measuring:
+                measuring, probe_bytes, probe_active, probed = True, 0, active(), t
+            elif not probing and rate < NAP_RATE and (quick >= MIN_BURST or t - last_nap > 1.0):
+                sleep(NAP)
+                quick = read = 0
+                last_nap = t
+        size = len(raw)
+        read += size
+        if measuring:
+            probe_bytes += size
         yield raw
         ready = clock()
 

@@ -123,13 +123,8 @@ class Aggregator:
             self.stats.node_status[state] = self.stats.node_status.get(state, 0) + 1
 
     def _is_duplicate(self, ts: int, raw: bytes) -> bool:
-        hw = self.high_water_ns
-        if ts > hw:
-            self.high_water_ns = ts
-            self._at_high_water = {raw}
-            self._resuming = False
-            return False
-        if ts == hw:
+        """For a flow no newer than the high-water mark: whether it was counted already."""
+        if ts == self.high_water_ns:
             if raw in self._at_high_water:
                 return self._resuming
             self._at_high_water.add(raw)
@@ -154,7 +149,9 @@ class Aggregator:
     def _add_flow(self, f: flow_pb2.Flow, raw: bytes, resp_node: str) -> None:
         t = f.time
         ts = t.seconds * 1_000_000_000 + t.nanos
-        if self._is_duplicate(ts, raw):
+        if ts > self.high_water_ns:  # the common case, in time order: a new high-water mark
+            self.high_water_ns, self._at_high_water, self._resuming = ts, {raw}, False
+        elif self._is_duplicate(ts, raw):
             self.stats.flows_duplicate += 1
             return
         src, dst = f.source, f.destination
@@ -235,12 +232,13 @@ class Aggregator:
             svc_ns,
             svc,
         )
+        size = len(raw) * scale
         slot = self._pending.get(key)
         if slot is None:
-            self._pending[key] = [scale, len(raw) * scale]
+            self._pending[key] = [scale, size]
         else:
             slot[0] += scale
-            slot[1] += len(raw) * scale
+            slot[1] += size
 
     @staticmethod
     def _l7(rec: flow_pb2.Layer7) -> tuple[str, str, str, str]:

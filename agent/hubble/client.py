@@ -201,14 +201,15 @@ class TokenBucket:
         self.last = time.monotonic()
 
     def take(self) -> bool:
-        """One token if available."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
+        """One token if available (the clock is read only when the tokens in hand are used up)."""
+        if self.tokens < 1.0:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            if self.tokens < 1.0:
+                return False
+        self.tokens -= 1.0
+        return True
 
 
 class FlowStream:

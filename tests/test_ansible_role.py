@@ -223,7 +223,7 @@ def test_monitoring_play_installs_validated_rules_and_dashboards(tmp_path: Path)
     rules, boards = tmp_path / "rules", tmp_path / "dashboards"
     out = subprocess.run(
         [
-            "ansible-playbook", "-i", str(inventory), str(REPO / "playbooks" / "install.yml"),
+            tool("ansible-playbook"), "-i", str(inventory), str(REPO / "playbooks" / "install.yml"),
             "--limit", "prometheus_servers",
             "-e", f"tfo_agent_prometheus_rules_dir={rules} tfo_agent_grafana_dashboards_dir={boards}",
             "-e", "tfo_agent_prometheus_service='' tfo_agent_target_hosts=agents",  # no agent play here

@@ -59,9 +59,10 @@ struct l7_msg {
 	unsigned long name; /* user sockaddr of the peer (unconnected sockets), else 0 */
 };
 
-/* Does the current task pass the filters? One global function, so that the verifier checks the
- * filter code once per program rather than once per parser that asks. */
-__noinline int l7_observed(void)
+/* Does the current task pass the filters? Inlined into the parsers (global functions, each verified
+ * once): as a function of its own it was one call level too many for the 512-byte limit on the
+ * combined stack of a call chain (sys_exit, l7_sys_exit, a parser, the verdict, the cgroup walk). */
+static __always_inline bool l7_observed(void)
 {
 	return tfo_task_observed(tfo_current_task()) != NULL;
 }

@@ -58,9 +58,9 @@ int BPF_PROG(sys_sys_exit, struct pt_regs *regs, long ret)
 	case SC_RECVFROM:
 		return on_traffic(sk, ret, 1, PT_REGS_PARM4_CORE_SYSCALL(regs), RECEIVED, false);
 	case SC_SENDMMSG:
-		return on_traffic(sk, mmsg_bytes((void *)PT_REGS_PARM2_CORE_SYSCALL(regs), ret), ret, 0, SENT, false);
+		return on_traffic(sk, mmsg_bytes(PT_REGS_PARM2_CORE_SYSCALL(regs), ret), ret, 0, SENT, false);
 	case SC_RECVMMSG:
-		return on_traffic(sk, mmsg_bytes((void *)PT_REGS_PARM2_CORE_SYSCALL(regs), ret), ret,
+		return on_traffic(sk, mmsg_bytes(PT_REGS_PARM2_CORE_SYSCALL(regs), ret), ret,
 				  PT_REGS_PARM4_CORE_SYSCALL(regs), RECEIVED, false);
 	}
 	return 0;

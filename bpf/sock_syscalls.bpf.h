@@ -86,9 +86,13 @@ static __always_inline const struct sock *sock_of_fd(struct task_struct *task, l
 	return sock ? BPF_CORE_READ(sock, sk) : NULL;
 }
 
-/* Payload bytes of the first n messages of a sendmmsg/recvmmsg vector (msg_len, set by the call). */
-static __always_inline __u64 mmsg_bytes(const struct mmsghdr *vec, long n)
+/* Payload bytes of the first n messages of the sendmmsg/recvmmsg vector at user address `vecp`
+ * (msg_len, set by the call). A global function: the verifier checks the loop once; inlined, 6.1's
+ * verifier went through the rest of the program once per possible exit of the loop (past its
+ * million instructions). */
+__noinline __u64 mmsg_bytes(__u64 vecp, long n)
 {
+	const struct mmsghdr *vec = (const struct mmsghdr *)vecp;
 	__u64 total = 0;
 
 	for (int i = 0; i < MAX_MMSG; i++) {

@@ -157,6 +157,11 @@ def num_possible_cpus() -> int:
     return lib().ncpus
 
 
+# Errors of a kernel without batch reads for a map type; such maps are read key by key. 524 is the
+# kernel's own ENOTSUPP, which 5.10 returns for per-CPU arrays.
+_NO_BATCH = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, 524)
+
+
 class BpfMap:
     """A map of a loaded object (or any map fd): raw bytes in, raw bytes out."""
 
@@ -207,7 +212,7 @@ class BpfMap:
                 yield from self._items_batched()
                 return
             except LibbpfError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                if exc.errno not in _NO_BATCH:
                     raise
                 self._batch_ok = False
         for key in self.all_keys():
@@ -221,7 +226,7 @@ class BpfMap:
             try:
                 return b"".join(vraw[: n * self.read_size] for _, vraw, n in self._batches())
             except LibbpfError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                if exc.errno not in _NO_BATCH:
                     raise
                 self._batch_ok = False
         return b"".join(v for _, v in self.items())

@@ -102,9 +102,22 @@ static __always_inline void runnable(struct task_struct *p)
 		t->ts = tfo_sampled() ? bpf_ktime_get_ns() : 0;
 }
 
+/* task_struct before 5.14, when `state` became `__state` */
+struct task_struct___state {
+	long state;
+} __attribute__((preserve_access_index));
+
+/* Is p's state TASK_RUNNING, i.e. does it stay on the run queue as it is switched out? Read from the
+ * task: sched_switch's prev_state argument only exists since 5.18 (the first three are the same). */
+static __always_inline bool still_runnable(struct task_struct *p)
+{
+	if (bpf_core_field_exists(p->__state))
+		return BPF_CORE_READ(p, __state) == 0;
+	return BPF_CORE_READ((struct task_struct___state *)p, state) == 0;
+}
+
 SEC("tp_btf/sched_switch")
-int BPF_PROG(tpbtf_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next,
-	     unsigned int prev_state)
+int BPF_PROG(tpbtf_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
 	__u64 now = bpf_ktime_get_ns();
 
@@ -112,7 +125,7 @@ int BPF_PROG(tpbtf_sched_switch, bool preempt, struct task_struct *prev, struct 
 		sched_epoch = now;
 	/* pid 0 is the idle task: idle time is not a process's CPU time */
 	if (prev->pid)
-		switch_out(prev, preempt || prev_state == 0 /* TASK_RUNNING */, now);
+		switch_out(prev, preempt || still_runnable(prev), now);
 	if (next->pid)
 		switch_in(next, now);
 	return 0;

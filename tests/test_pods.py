@@ -171,7 +171,13 @@ def test_pod_created_again_under_the_same_name_starts_from_its_own_counts(
     second = cri.run_pod("web-1", "shop", {"app": (3_000, 4_000)})  # same names, new UID
     assert second.uid != first.uid
     started(agent, second)
-    assert value(agent.scrape(), COUNT, syscall="getppid", **of(second)) == at_start
+
+    # Until the new container's cgroup is attributed, the removed pod's final counts stay in their
+    # grace period under the same names; then the new pod's own series replaces them.
+    def fresh() -> bool:
+        return value(agent.scrape(), COUNT, syscall="getppid", **of(second)) == at_start
+
+    assert wait_for(fresh, timeout=15), getppid_series(agent.scrape())
     run(second)
     wait_for(lambda: value(agent.scrape(), COUNT, syscall="getppid", **of(second)) >= at_start + 3_000, timeout=15)
     m = agent.scrape()

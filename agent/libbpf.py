@@ -284,12 +284,21 @@ class Link:
             self._handle = None
 
 
+# The running kernel's BTF. Named explicitly when no btf_path is configured: libbpf then resolves
+# CO-RE relocations against it alone. Otherwise a type the kernel lacks (a probed one, such as 6.16's
+# trace_event_raw_tcp_retransmit_skb on 6.12) sends libbpf through the module BTFs, which needs
+# CAP_SYS_ADMIN; the service runs without it, and the load failed with EPERM.
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+
 class BpfObject:
     """An opened ``.bpf.o``: choose programs, load, attach, reach maps; ``close`` frees it."""
 
     def __init__(self, path: str, pin_root: Optional[str] = None, btf_custom_path: Optional[str] = None) -> None:
         L = lib()
         self.path = path
+        if btf_custom_path is None and os.path.exists(VMLINUX_BTF):
+            btf_custom_path = VMLINUX_BTF
         self._keep = [os.fsencode(p) if p else None for p in (path, pin_root, btf_custom_path)]
         opts = _OpenOpts()
         opts.sz = ctypes.sizeof(_OpenOpts)

@@ -454,19 +454,3 @@ def test_check_mode_after_converge_reports_no_change() -> None:
     text = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 0, text[-4000:]
     assert re.search(rf"{name}\s*:\s*ok=\d+\s+changed=0\s+unreachable=0\s+failed=0", text), text[-2000:]
-
-
-def test_uninstall_playbook_purges() -> None:
-    """Last: playbooks/uninstall.yml with purge stops and removes the agent (on one host)."""
-    name = "tfo-bm-1"
-    cmd = ["ansible-playbook", "-i", INVENTORY, str(REPO / "playbooks/uninstall.yml")]
-    cmd += ["--limit", name, "-e", "tfo_agent_purge=true"]
-    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
-    text = " ".join((result.stdout + result.stderr).split())
-    assert result.returncode == 0, text[-4000:]
-    gone = testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
-    assert not gone.package("tfo-agent").is_installed
-    assert gone.run("dpkg-query -W -f='${Status}' tfo-agent").stdout.strip() in ("", "unknown ok not-installed")
-    assert not gone.file("/etc/tfo-agent").exists
-    assert gone.run("systemctl is-active tfo-agent.service").stdout.strip() != "active"

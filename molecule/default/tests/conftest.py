@@ -24,5 +24,6 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
         delta = "absent" if r["agent_delta"] is None else f"{r['agent_delta']:.0f}"
         tr.write_line(
             f"{'ok  ' if r['ok'] else 'FAIL'} {r['host']:<15} {r['kernel']:<22} {r['series']:<62}"
-            f" agent {delta:>10}  expected {r['expected']:>10.0f} ±{r['tolerance']:<7} ({r['expected_is']})"
+            f" agent {delta:>10}  expected {r['expected']:>10.0f} ±{r['tolerance']:<7} ({r['expected_is']};"
+            f" {r.get('mode', '?')})"
         )

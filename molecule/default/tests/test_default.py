@@ -247,6 +247,20 @@ def collector_state(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
     return f"collector_up {', '.join(up) or 'none'}; failures: {'; '.join(failed) or 'none'}"
 
 
+COLLECTOR_OF = {"ebpf_network": "network", "ebpf_syscall": "syscalls", "ebpf_file": "file_io"}
+
+
+def attach_mode(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], metric: str) -> str:
+    """The attach mode (type and build variant) the collector behind ``metric`` runs in, per the agent."""
+    collector = next((c for prefix, c in COLLECTOR_OF.items() if metric.startswith(prefix)), "")
+    modes = {
+        (d["attach_type"] + (f" ({d['variant']})" if d.get("variant") else ""))
+        for d in (dict(k[1]) for k, v in samples.items() if k[0] == "tfo_agent_program_attached" and v == 1)
+        if d.get("collector") == collector
+    }
+    return ", ".join(sorted(modes)) or "none"
+
+
 def wait_metrics(port: int, timeout: float = 120) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     deadline = time.monotonic() + timeout
     while True:  # the agent may still be loading its programs after the bpffs test restarted it
@@ -320,6 +334,7 @@ def compare(run: Run, metric: str, labels: dict[str, str], want: float, what: st
         "tolerance": round(tolerance),
         "ok": ok,
         "workload_seconds": run.seconds,
+        "mode": attach_mode(run.after, metric),
     }
     with ACCURACY_LOG.open("a") as f:
         f.write(json.dumps(record) + "\n")

@@ -89,10 +89,17 @@ def pick_kernel(image: Path, series: str | None) -> tuple[str, dict[str, str]]:
     return series, kernels[series]
 
 
-def guest_release(key: Path, port: int) -> str:
+def guest_release(key: Path, port: int, deadline: float) -> str | None:
+    """The guest's ``uname -r``, asked until ``deadline``: on a loaded host a connection right after
+    the first successful one can still fail (ssh exit 255). None if it never answered."""
     cmd = ["ssh", *SSH_OPTS, "-i", str(key), "-p", str(port), "tfo@127.0.0.1", "uname -r"]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=60, check=True)
-    return out.stdout.strip()
+    while True:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=60)
+        if out.returncode == 0:
+            return out.stdout.strip()
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(2)
 
 
 def free_port() -> int:
@@ -242,7 +249,10 @@ def up(
         down(state_dir, name, 30)
         raise SystemExit(f"{name}: no SSH within {timeout:.0f}s; see {vmdir / 'console.log'}")
     boot = round(time.monotonic() - t0, 1)
-    release = guest_release(key, ssh_port)
+    release = guest_release(key, ssh_port, max(deadline, time.monotonic() + 60))
+    if release is None:
+        down(state_dir, name, 30)
+        raise SystemExit(f"{name}: SSH answered once, then `uname -r` kept failing; see {vmdir / 'console.log'}")
     if release != boot_kernel["release"]:
         down(state_dir, name, 30)
         raise SystemExit(f"{name}: booted {release!r}, not the {series} kernel {boot_kernel['release']!r}")

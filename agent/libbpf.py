@@ -18,6 +18,8 @@ import threading
 from collections.abc import Iterator
 from typing import Optional
 
+from agent.host import BTF_VMLINUX
+
 log = logging.getLogger(__name__)
 
 BPF_MAP_TYPE_HASH = 1
@@ -284,21 +286,18 @@ class Link:
             self._handle = None
 
 
-# The running kernel's BTF. Named explicitly when no btf_path is configured: libbpf then resolves
-# CO-RE relocations against it alone. Otherwise a type the kernel lacks (a probed one, such as 6.16's
-# trace_event_raw_tcp_retransmit_skb on 6.12) sends libbpf through the module BTFs, which needs
-# CAP_SYS_ADMIN; the service runs without it, and the load failed with EPERM.
-VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
-
-
 class BpfObject:
     """An opened ``.bpf.o``: choose programs, load, attach, reach maps; ``close`` frees it."""
 
     def __init__(self, path: str, pin_root: Optional[str] = None, btf_custom_path: Optional[str] = None) -> None:
         L = lib()
         self.path = path
-        if btf_custom_path is None and os.path.exists(VMLINUX_BTF):
-            btf_custom_path = VMLINUX_BTF
+        # The running kernel's BTF is named explicitly when no btf_path is configured: libbpf then
+        # resolves CO-RE relocations against it alone. Otherwise a type the kernel lacks (a probed one,
+        # such as 6.16's trace_event_raw_tcp_retransmit_skb on 6.12) sends libbpf through the module
+        # BTFs, which needs CAP_SYS_ADMIN; the service runs without it, and the load failed with EPERM.
+        if btf_custom_path is None and os.path.exists(BTF_VMLINUX):
+            btf_custom_path = BTF_VMLINUX
         self._keep = [os.fsencode(p) if p else None for p in (path, pin_root, btf_custom_path)]
         opts = _OpenOpts()
         opts.sz = ctypes.sizeof(_OpenOpts)

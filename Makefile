@@ -72,8 +72,10 @@ package: bpf $(PKG_VENV)/.stamp
 	$(PKG_VENV)/bin/python packaging/build.py
 
 # The role and playbooks on real qemu VMs (Debian 12, its 6.1 kernel), with the package built here.
+# On failure the failed verify tests are printed again last (molecule's destroy output follows them).
 molecule: setup package
-	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/molecule test
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/molecule test || \
+		{ cat build/molecule-verify-failures.txt 2>/dev/null; exit 1; }
 
 clean:
 	$(MAKE) -C bpf clean

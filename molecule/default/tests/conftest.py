@@ -1,4 +1,6 @@
-"""Print the accuracy figures of test_default.py (agent counter deltas vs. the kernel's) after the run."""
+"""After the run: print the accuracy figures of test_default.py (agent counter deltas vs. the kernel's)
+and write the failed tests to FAILURES_LOG, which `make molecule` prints last when verify fails
+(molecule's destroy output would otherwise push them out of sight)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,19 @@ from pathlib import Path
 from typing import Any
 
 ACCURACY_LOG = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/tmp")) / "accuracy.jsonl"
+FAILURES_LOG = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", ".")) / "build" / "molecule-verify-failures.txt"
 
 
 def pytest_sessionstart(session: Any) -> None:
     ACCURACY_LOG.unlink(missing_ok=True)
+    FAILURES_LOG.unlink(missing_ok=True)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
+    failed = terminalreporter.stats.get("failed", []) + terminalreporter.stats.get("error", [])
+    if failed:
+        FAILURES_LOG.parent.mkdir(parents=True, exist_ok=True)
+        FAILURES_LOG.write_text("".join(f"FAILED {r.nodeid}: {_reason(r)}\n" for r in failed))
     if not ACCURACY_LOG.exists():
         return
     rows = [json.loads(line) for line in ACCURACY_LOG.read_text().splitlines() if line.strip()]
@@ -27,3 +35,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
             f" agent {delta:>10}  expected {r['expected']:>10.0f} ±{r['tolerance']:<7} ({r['expected_is']};"
             f" {r.get('mode', '?')})"
         )
+
+
+def _reason(report: Any) -> str:
+    """The one-line reason pytest's short summary shows (the assertion or exception message)."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = crash.message if crash is not None else str(report.longrepr)
+    return " ".join(text.split())[:400]

@@ -339,18 +339,22 @@ class BpfObject:
             raise L.error(f"attaching {program} ({section})")
         return Link(handle, program, section)
 
-    def attach_uprobe(self, program: str, binary: str, func: str, retprobe: bool = False, pid: int = -1) -> Link:
+    def attach_uprobe(
+        self, program: str, binary: str, func: Optional[str], retprobe: bool = False, pid: int = -1, offset: int = 0
+    ) -> Link:
         """Attach ``program`` at the entry (or, with ``retprobe``, the return) of ``func`` in the ELF
-        file ``binary``, for process ``pid`` or every process (-1)."""
+        file ``binary`` (or, with no ``func``, of the function at file offset ``offset``), for process
+        ``pid`` or every process (-1)."""
         L = lib()
-        opts = _UprobeOpts(ctypes.sizeof(_UprobeOpts), 0, 0, retprobe, func.encode())
+        opts = _UprobeOpts(ctypes.sizeof(_UprobeOpts), 0, 0, retprobe, func.encode() if func else None)
+        where = func or f"{os.path.basename(binary)}+{offset:#x}"
         L.take_recent()
         handle = L.lib.bpf_program__attach_uprobe_opts(
-            self._programs[program], pid, os.fsencode(binary), 0, ctypes.byref(opts)
+            self._programs[program], pid, os.fsencode(binary), 0 if func else offset, ctypes.byref(opts)
         )
         if not handle:
-            raise L.error(f"attaching {program} to {func} in {binary}")
-        return Link(handle, program, f"uretprobe/{func}" if retprobe else f"uprobe/{func}")
+            raise L.error(f"attaching {program} to {where} in {binary}")
+        return Link(handle, program, f"uretprobe/{where}" if retprobe else f"uprobe/{where}")
 
     def map(self, name: str) -> BpfMap:
         handle = lib().lib.bpf_object__find_map_by_name(self._handle, name.encode())

@@ -265,8 +265,9 @@ static __always_inline void http_on_syscall(struct task_struct *task, const stru
 }
 
 /* TLS: SSL_read(ssl, buf, num), SSL_write(ssl, buf, num), SSL_read_ex(ssl, buf, num, &readbytes),
- * SSL_write_ex(ssl, buf, num, &written). The entry keeps the arguments per thread, the return
- * hands the plaintext moved to http_on_payload. */
+ * SSL_write_ex(ssl, buf, num, &written), or the internal function both forms call, which takes the
+ * _ex arguments and returns > 0 on success (agent/collectors/tls.py). The entry keeps the arguments
+ * per thread, the return hands the plaintext moved to http_on_payload. */
 struct ssl_call {
 	__u64 ssl;
 	__u64 buf;
@@ -320,7 +321,7 @@ int up_ssl_return(struct pt_regs *ctx)
 	call = *p;
 	bpf_map_delete_elem(&ssl_calls, &id);
 	if (call.ex) {
-		if (ret != 1 || bpf_probe_read_user(&m.len, sizeof(m.len), (void *)call.moved))
+		if (ret <= 0 || bpf_probe_read_user(&m.len, sizeof(m.len), (void *)call.moved))
 			return 0;
 	} else if (ret > 0) {
 		m.len = ret;

@@ -2,7 +2,8 @@
 plaintext and TLS) driven by curl and Python's http.client over keep-alive and new connections.
 Both sides must count exactly: nginx's access log for the server direction, what each client
 printed for the client direction. TLS goes through the OpenSSL uprobes (nginx, curl and Python all
-use the system's libssl.so.3)."""
+use the system's libssl.so.3): at the internal functions OpenSSL 3.0's exported ones call, and, in
+the curl test, also at the exported functions themselves (the placement for other builds)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Callable
 
 import pytest
 
+from agent.collectors import FORCE_ATTACH_ENV
+from agent.collectors.tls import EXPORTED, INTERNAL
 from tests.conftest import ROOT, Agent, parse_metrics
 from tests.l7servers import Nginx, env_with_path, named, nginx, settle, unique
 
@@ -130,14 +133,23 @@ CURL_KEEPALIVE = (
 )
 
 
+@pytest.mark.parametrize("probes", [INTERNAL, EXPORTED])
 def test_curl_and_nginx_count_exactly_plaintext_and_tls(
-    server: Nginx, agent_factory: Callable[..., Agent], tmp_path: Path
+    server: Nginx, agent_factory: Callable[..., Agent], tmp_path: Path, probes: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if probes == EXPORTED:
+        monkeypatch.setenv(FORCE_ATTACH_ENV, "tls=exported")
     curl_comm = unique("curl14")
     curl = named("curl", curl_comm, tmp_path)
     big = tmp_path / "big.body"
     big.write_bytes(b"x" * BIG_BODY)
     agent = http_agent(agent_factory, curl_comm, server.comm)
+    libraries = {
+        dict(k)["probes"]: v
+        for (n, k), v in parse_metrics(agent.scrape_text()).items()
+        if n == "tfo_agent_http_tls_libraries"
+    }
+    assert libraries[probes] >= 1 and sum(libraries.values()) == libraries[probes], libraries
     truth: Counter[tuple[str, str]] = Counter()
     for tls in (False, True):
         truth += curl_run(curl, server, tls, *CURL_KEEPALIVE, ["--data-binary", f"@{big}", "/post"])

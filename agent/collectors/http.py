@@ -5,7 +5,7 @@ SSL_write (``agent/collectors/tls.py``). Exposed as ``ebpf_http_requests_total{c
 ``ebpf_http_responses_total{comm,direction,method,status}`` and
 ``ebpf_http_request_duration_seconds{comm,direction}`` (request to response; its count is the
 responses'), with ``direction`` client (the process sent the request) or server (it received it),
-and the self-metrics ``tfo_agent_http_parse_errors_total{reason}`` and ``tfo_agent_http_tls_libraries``.
+and the self-metrics ``tfo_agent_http_parse_errors_total{reason}`` and ``tfo_agent_http_tls_libraries{probes}``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Optional
 
 from agent.collectors.l7 import L7Collector, add_hist
-from agent.collectors.tls import TlsProbes
+from agent.collectors.tls import EXPORTED, INTERNAL, TlsProbes
 from agent.filters import UNIT
 from agent.l7names import METHODS
 from agent.registry import Kind, MetricFamily
@@ -77,7 +77,11 @@ class HttpCollector(L7Collector):
         for (comm, what), values in sorted(self.stats.read(self.obj.map("http_duration")).items()):
             add_hist(duration, (comm, DIRECTIONS[what.a % 3]), values)
         libraries = MetricFamily(
-            "tfo_agent_http_tls_libraries", Kind.GAUGE, "OpenSSL libraries (libssl.so.3 files) with uprobes attached."
+            "tfo_agent_http_tls_libraries",
+            Kind.GAUGE,
+            "OpenSSL libraries (libssl.so.3 files) with uprobes attached, by where they are probed.",
+            ("probes",),
         )
-        libraries.add((), len(self.tls.links) if self.tls else 0)
+        for placement, n in (self.tls.placements() if self.tls else dict.fromkeys((INTERNAL, EXPORTED), 0)).items():
+            libraries.add((placement,), n)
         return (requests, responses, duration, libraries)

@@ -109,6 +109,14 @@ def series(host: Any) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
+def collectors_up(host: Any) -> set[str]:
+    """The collectors the verify agent reports attached (none while its listener is not up)."""
+    if host.run("curl -sf http://127.0.0.1:%s/metrics", str(PORT)).rc != 0:
+        return set()
+    got = series(host)
+    return {dict(k)["collector"] for (n, k), v in got.items() if n == "tfo_agent_collector_up" and v == 1}
+
+
 def test_dns_and_http_count_real_requests(host: Any) -> None:
     config = {
         "integrations": {
@@ -131,7 +139,7 @@ def test_dns_and_http_count_real_requests(host: Any) -> None:
     run(host, f"sh -c '{AGENT} run -c {CONFIG} > /tmp/tfo-l7-verify.log 2>&1 & echo $! > /tmp/tfo-l7-verify.pid'")
     try:
         deadline = time.monotonic() + 120
-        while host.run("curl -sf http://127.0.0.1:%s/metrics", str(PORT)).rc != 0:
+        while not {"dns", "http"} <= collectors_up(host):  # both attached before the workload starts
             assert time.monotonic() < deadline, run(host, "cat /tmp/tfo-l7-verify.log")
             time.sleep(1)
         seen = json.loads(
@@ -140,8 +148,10 @@ def test_dns_and_http_count_real_requests(host: Any) -> None:
         assert seen == {"codes": ["200"] * N_OK + ["404"] * N_MISSING, "rcodes": [0] * N_A + [3] * N_NX}
         time.sleep(1)
         got = series(host)
-        attached = {dict(k)["collector"] for n, k in got if n == "tfo_agent_collector_up" and got[(n, k)] == 1}
-        assert {"dns", "http"} <= attached, run(host, "cat /tmp/tfo-l7-verify.log")
+        assert {"dns", "http"} <= collectors_up(host), run(host, "cat /tmp/tfo-l7-verify.log")
+        context = run(host, "cat /tmp/tfo-l7-verify.log") + "".join(
+            f"\n{n}{dict(k)} {v}" for (n, k), v in sorted(got.items(), key=str) if "_dns_" in n or "_http_" in n
+        )
 
         def value(name: str, **labels: str) -> float:
             return got.get((name, frozenset(labels.items())), 0.0)
@@ -153,19 +163,24 @@ def test_dns_and_http_count_real_requests(host: Any) -> None:
             )
             if server_zero and host.check_output("uname -r").startswith("5.10."):
                 continue  # the open 5.10 defect above; everything else is still required
-            assert value("ebpf_http_requests_total", comm=comm, direction=direction, method="GET") == N_OK + N_MISSING
+            assert (
+                value("ebpf_http_requests_total", comm=comm, direction=direction, method="GET") == N_OK + N_MISSING
+            ), context
             for status, n in (("200", N_OK), ("404", N_MISSING)):
                 assert (
                     value("ebpf_http_responses_total", comm=comm, direction=direction, method="GET", status=status) == n
-                )
-            assert value("ebpf_http_request_duration_seconds_count", comm=comm, direction=direction) == N_OK + N_MISSING
-        assert value("ebpf_dns_queries_total", comm="l7py", qtype="A") == N_A
-        assert value("ebpf_dns_queries_total", comm="l7py", qtype="AAAA") == N_NX
-        assert value("ebpf_dns_responses_total", comm="l7py", qtype="A", rcode="No Error") == N_A
-        assert value("ebpf_dns_responses_total", comm="l7py", qtype="AAAA", rcode="Non-Existent Domain") == N_NX
-        assert value("ebpf_dns_latency_seconds_count", comm="l7py") == N_A + N_NX
+                ), context
+            assert (
+                value("ebpf_http_request_duration_seconds_count", comm=comm, direction=direction) == N_OK + N_MISSING
+            ), context
+        assert value("ebpf_dns_queries_total", comm="l7py", qtype="A") == N_A, context
+        assert value("ebpf_dns_queries_total", comm="l7py", qtype="AAAA") == N_NX, context
+        assert value("ebpf_dns_responses_total", comm="l7py", qtype="A", rcode="No Error") == N_A, context
+        nx = value("ebpf_dns_responses_total", comm="l7py", qtype="AAAA", rcode="Non-Existent Domain")
+        assert nx == N_NX, context
+        assert value("ebpf_dns_latency_seconds_count", comm="l7py") == N_A + N_NX, context
         errors = {dict(k)["reason"]: v for (n, k), v in got.items() if n.endswith("_parse_errors_total")}
-        assert set(errors.values()) == {0.0}, errors
+        assert set(errors.values()) == {0.0}, context
     finally:
         with as_root(host):
             host.run(f"sh -c 'kill $(cat /tmp/tfo-l7-verify.pid); sleep 2; rm -rf {PIN}'")

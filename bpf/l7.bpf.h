@@ -25,7 +25,7 @@
 
 /* One counter or histogram: whose (comm; folded only in userspace's entries) and what. */
 struct l7_key {
-	char comm[TFO_COMM_LEN];
+	char comm[TFO_COMM_LEN] __attribute__((aligned(8)));
 	__u8 folded;
 	__u8 kind;  /* per protocol: query/response, request/response */
 	__u8 a;     /* dns: rcode; http: direction */
@@ -71,6 +71,7 @@ static __always_inline void l7_key_init(struct l7_key *k, struct task_struct *ta
 {
 	__builtin_memset(k, 0, sizeof(*k));
 	BPF_CORE_READ_INTO(&k->comm, task, group_leader, comm);
+	tfo_comm_pad(k->comm);
 }
 
 /* The entry of key k in map, created from *zero if missing (NULL when the map is full). */

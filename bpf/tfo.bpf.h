@@ -203,13 +203,36 @@ static __noinline __u64 tfo_cgroup_key(struct task_struct *task)
 	return css ? BPF_CORE_READ(css, cgroup, kn, id) : 0;
 }
 
+/* Zero a comm's bytes after its terminating NUL. Older kernels (5.10 among them) copy a new name
+ * with strlcpy, which leaves the old name's tail there: a process that renames itself from "python3"
+ * to "l7py" (prctl PR_SET_NAME) holds "l7py\0n3\0...", which would miss its filter entry and count
+ * under a key of its own. The first zero byte of each 8-byte half is found without a loop. */
+static __always_inline void tfo_comm_pad(char *comm)
+{
+	const __u64 ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+	__u64 w[2], z;
+
+	__builtin_memcpy(w, comm, sizeof(w));
+	z = (w[0] - ones) & ~w[0] & highs; /* the lowest set bit marks the first zero byte */
+	if (z) {
+		w[0] &= (z & -z) - 1;
+		w[1] = 0;
+	} else {
+		z = (w[1] - ones) & ~w[1] & highs;
+		if (z)
+			w[1] &= (z & -z) - 1;
+	}
+	__builtin_memcpy(comm, w, sizeof(w));
+}
+
 static __noinline __u32 tfo_compute_verdict(struct task_struct *task)
 {
-	char comm[TFO_COMM_LEN] = {};
+	char comm[TFO_COMM_LEN] __attribute__((aligned(8))) = {};
 	__u8 *mark;
 
 	/* Filters name processes: use the thread group leader's name. */
 	BPF_CORE_READ_INTO(&comm, task, group_leader, comm);
+	tfo_comm_pad(comm);
 	mark = bpf_map_lookup_elem(&tfo_comm_filter, &comm);
 	if (mark && (*mark & TFO_FILTER_EXCLUDE))
 		return 0;

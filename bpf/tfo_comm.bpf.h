@@ -86,6 +86,7 @@ static __always_inline struct tfo_comm_val *tfo_comm_counters(struct task_struct
 #else
 	__builtin_memcpy(key.comm, task->group_leader->comm, sizeof(key.comm)); /* plain loads: BTF pointer */
 #endif
+	tfo_comm_pad(key.comm);
 	if (tfo_cfg.labels) {
 		key.cg = t->cg;
 		v = tfo_comm_lookup(&comm_cg_stats, &key);

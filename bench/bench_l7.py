@@ -8,7 +8,9 @@ unbound serving a local zone in a network namespace (port 53); a C loop of getpp
 call: the path of every syscall that moves no socket data). Each figure is the median over the
 rounds; each loss the median of the changes against the same round's defaults run (paired, so
 that drift in the host's load cancels). Then one more run of the workloads per
-configuration with ``kernel.bpf_stats_enabled``, for the per-program cost.
+configuration with ``kernel.bpf_stats_enabled``, for the per-program cost. With ``collect_http``,
+twice: TLS probed where the agent probes it (OpenSSL 3.0's internal functions), and forced onto the
+exported SSL_read/SSL_write (other OpenSSL builds).
 
 Run: .venv/bin/python -m bench.bench_l7 [--rounds 5] [--seconds 5] [--only http|dns]
 """
@@ -16,14 +18,17 @@ Run: .venv/bin/python -m bench.bench_l7 [--rounds 5] [--seconds 5] [--only http|
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+from agent.collectors import FORCE_ATTACH_ENV
 from bench.bench_syscalls import WORKLOAD as GETPPID_LOOP
 from bench.bench_syscalls import cpu_seconds_of
 from bench.bpf_stats import bpf_stats, program_costs
@@ -34,8 +39,12 @@ DEFAULTS = {"collect_network": True, "collect_file_io": True, "collect_tcp_event
 CONFIGS = {
     "defaults": DEFAULTS,
     "defaults+http": {**DEFAULTS, "collect_http": True},
+    "defaults+http, TLS at SSL_read/SSL_write": {**DEFAULTS, "collect_http": True},
     "defaults+dns": {**DEFAULTS, "collect_dns": True},
 }
+# The environment of a configuration's agent: the TLS uprobes forced onto the exported functions
+# (the placement for OpenSSL builds whose internal functions are not found; agent/collectors/tls.py).
+CONFIG_ENV = {"defaults+http, TLS at SSL_read/SSL_write": {FORCE_ATTACH_ENV: "tls=exported"}}
 GETPPID_CALLS = 2_000_000
 WORKLOADS = ("nginx plaintext (req/s)", "nginx TLS (req/s)", "unbound via dnsperf (q/s)", "getppid (ns/call)")
 
@@ -76,7 +85,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each wrk and dnsperf run")
     ap.add_argument("--only", choices=("http", "dns"), default="", help="one collector's arm and workloads")
     args = ap.parse_args()
-    configs = {c: e for c, e in CONFIGS.items() if not args.only or c in ("defaults", f"defaults+{args.only}")}
+    arms = ("defaults", f"defaults+{args.only}")
+    configs = {c: e for c, e in CONFIGS.items() if not args.only or c == arms[0] or c.startswith(arms[1])}
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-l7-"))
     (work / "getppid.c").write_text(GETPPID_LOOP)
     getppid = work / "getppid_loop"
@@ -87,7 +97,7 @@ def main() -> int:
     with nginx(work, "nginx") as srv, resolver(work) as res:
         for r in range(args.rounds):
             for config, ebpf in configs.items():
-                with running_agent(ebpf, work):
+                with config_env(config), running_agent(ebpf, work):
                     for w, v in run_workloads(srv, res, queries, getppid, args.seconds, args.only).items():
                         results[config][w].append(v)
             print(f"round {r + 1}/{args.rounds}: load {os.getloadavg()[0]:.1f}", flush=True)
@@ -95,11 +105,23 @@ def main() -> int:
         print("\nsys_exit per run, by workload (kernel.bpf_stats_enabled; one run each, after the rounds):\n")
         print(f"| configuration | {' | '.join(w.split(' (')[0] for w in WORKLOADS)} |\n|---|{'---|' * len(WORKLOADS)}")
         for config, ebpf in configs.items():
-            with running_agent(ebpf, work) as agent:
+            with config_env(config), running_agent(ebpf, work) as agent:
                 assert agent is not None and agent.proc is not None
                 cells = [program_ns(agent.proc.pid, srv, res, queries, getppid, args, w) for w in WORKLOADS]
             print(f"| {config} | {' | '.join(cells)} |")
     return 0
+
+
+@contextlib.contextmanager
+def config_env(config: str) -> Iterator[None]:
+    """The environment CONFIG_ENV gives ``config``'s agent, for the block."""
+    saved = dict(os.environ)
+    os.environ.update(CONFIG_ENV.get(config, {}))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def program_ns(
@@ -124,7 +146,7 @@ def program_ns(
             )
         after = program_costs(pid)
     cells = []
-    for name in ("tpbtf_sys_exit", "up_ssl_return", "up_ssl_read", "up_ssl_write"):
+    for name in ("tpbtf_sys_exit", "up_ssl_return", "up_ssl_read", "up_ssl_write", "up_ssl_read_ex", "up_ssl_write_ex"):
         runs, ns = (a - b for a, b in zip(after.get(name, (0, 0)), before.get(name, (0, 0))))
         if runs:
             cells.append(f"{name.removeprefix('tpbtf_')} {ns / runs:.0f} ns x {runs:,}")

@@ -136,6 +136,15 @@ def start_feeders(names: list[str], relay: ReplayRelay) -> dict[str, tuple[str, 
     return out
 
 
+def receive_cost(relay: ReplayRelay, flows: int) -> float:
+    """µs of CPU per flow to only receive ``flows`` flows from a fresh go feeder (the soak's baseline)."""
+    ((addr, feeder),) = start_feeders(["go"], relay).values()
+    try:
+        return measure("receive", addr, flows).cpu_us
+    finally:
+        feeder.stop()
+
+
 def per_flow(feeders: dict[str, tuple[str, Any]], flows: int, rounds: int) -> dict[tuple[str, str], list[FlowRun]]:
     """Every (feeder, mode) row ``rounds`` times, interleaved round by round."""
     runs: dict[tuple[str, str], list[FlowRun]] = {}
@@ -213,15 +222,19 @@ def main() -> int:
             print(f"  {what:42} {cpu:6.1f} ms = {cpu * 1e3 / cost.lines:5.2f} µs/line; latency median "
                   f"{median(latency):5.1f} ms, max {max(latency):5.1f} ms")  # fmt: skip
     if args.soak:
+        before = receive_cost(relay, len(msgs))
         go = GoFeeder(relay.service, repeat=True)
         go.start()
         print(f"\nsoak: {args.soak:.0f} s at {args.soak_rate:.0f} flows/s, scraped every 15 s, defaults, cluster scope")
         samples, latencies = soak(go, args.soak, args.soak_rate, 15.0, 30.0)
         go.stop()
+        base = (before + receive_cost(relay, len(msgs))) / 2 * 1e-6 * args.soak_rate  # share of a core
         for t, share, rate, rss, runq in samples:
-            print(f"  t={t:4.0f}s  cpu={share * 100:5.1f}% of one core  {rate:6.0f} flows/s  rss={rss:6.1f} MiB  "
-                  f"runq={runq * 100:3.0f}%")  # fmt: skip
+            print(f"  t={t:4.0f}s  cpu={share * 100:5.1f}% of one core ({share / base:4.2f}x receive only)  "
+                  f"{rate:6.0f} flows/s  rss={rss:6.1f} MiB  runq={runq * 100:3.0f}%")  # fmt: skip
         print(f"  scrape latency median {median(latencies):.0f} ms, max {max(latencies, default=0):.0f} ms")
+        print(f"  receive only at this rate, measured just before and after: {base * 100:.1f}% of one core "
+              f"(the machine's speed drifts; the ratio is what the agent adds)")  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 

@@ -12,7 +12,9 @@ layout; the systemd driver's layouts (slices and scopes, which need systemd as P
 on the path parser below.
 
 runc's own set-up runs in the container's cgroup before it starts the container's command (two
-``getppid`` calls here), so syscall counts are compared from the moment ``/work`` runs.
+``getppid`` calls here), so syscall counts are compared from the moment ``/work`` runs, once the
+agent attributes the container's cgroup (``attributed``): before that, those calls are not under
+the pod's names yet, and would show up in the difference.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ def started(agent: Agent, *pods: Pod) -> None:
     assert wait_for(lambda: known(agent, *pods), timeout=10), agent.log()
 
 
+def attributed(agent: Agent, pod: Pod) -> bool:
+    """Does some syscall series carry the pod's container labels yet (its cgroup is indexed, so
+    everything counted there so far is attributed)?"""
+    labels = set(of(pod).items())
+    return any(k[0] == COUNT and labels <= k[1] for k in agent.scrape())
+
+
 def run(*pods: Pod) -> None:
     for pod in pods:
         pod.go()
@@ -88,6 +97,7 @@ def test_labels_attribute_syscalls_and_file_writes_to_pods(
     shop = cri.run_pod("web-1", "shop", {"app": (60_000, 123_457)})
     tools = cri.run_pod("web-1", "tools", {"app": (20_000, 65_536)})
     started(agent, shop, tools)
+    assert wait_for(lambda: attributed(agent, shop) and attributed(agent, tools), timeout=15), agent.log()
     before = agent.scrape()
     run(shop, tools)
     wanted = ((shop, 60_000, 123_457), (tools, 20_000, 65_536))
@@ -167,6 +177,7 @@ def test_pod_created_again_under_the_same_name_starts_from_its_own_counts(
     agent = agent_factory(config(cri.ctd))
     first = cri.run_pod("web-1", "shop", {"app": (40_000, 50_000)})
     started(agent, first)
+    assert wait_for(lambda: attributed(agent, first), timeout=15), getppid_series(agent.scrape())
     at_start = value(agent.scrape(), COUNT, syscall="getppid", **of(first))  # runc's own calls
     run(first)
     # The names are joined in at read time from the agent's cgroup index, which a loaded host may
@@ -319,6 +330,7 @@ def test_runtime_that_goes_away_and_comes_back_is_used_again(agent_factory: Call
     assert wait_for(lambda: gauge(agent, "tfo_agent_cri_up") == 0, timeout=15)
     cri.ctd.start()
     assert wait_for(lambda: gauge(agent, "tfo_agent_cri_up") == 1 and known(agent, pod), timeout=15)
+    assert wait_for(lambda: attributed(agent, pod), timeout=15), agent.log()
     before = value(agent.scrape(), COUNT, syscall="getppid", **of(pod))
     run(pod)
     wait_for(lambda: value(agent.scrape(), COUNT, syscall="getppid", **of(pod)) - before >= 9_000, timeout=15)

@@ -225,14 +225,24 @@ static __always_inline void tfo_comm_pad(char *comm)
 	__builtin_memcpy(comm, w, sizeof(w));
 }
 
+/* The name of task's thread group leader (what filters and per-process series name), padded. task
+ * must be a BTF pointer (current task, tp_btf argument) but in the compat build. */
+static __always_inline void tfo_leader_comm(char (*comm)[TFO_COMM_LEN], struct task_struct *task)
+{
+#ifdef TFO_COMPAT
+	BPF_CORE_READ_INTO(comm, task, group_leader, comm);
+#else
+	__builtin_memcpy(*comm, task->group_leader->comm, TFO_COMM_LEN); /* plain loads: BTF pointer */
+#endif
+	tfo_comm_pad(*comm);
+}
+
 static __noinline __u32 tfo_compute_verdict(struct task_struct *task)
 {
 	char comm[TFO_COMM_LEN] __attribute__((aligned(8))) = {};
 	__u8 *mark;
 
-	/* Filters name processes: use the thread group leader's name. */
-	BPF_CORE_READ_INTO(&comm, task, group_leader, comm);
-	tfo_comm_pad(comm);
+	tfo_leader_comm(&comm, task); /* filters name processes */
 	mark = bpf_map_lookup_elem(&tfo_comm_filter, &comm);
 	if (mark && (*mark & TFO_FILTER_EXCLUDE))
 		return 0;

@@ -81,12 +81,7 @@ static __always_inline struct tfo_comm_val *tfo_comm_counters(struct task_struct
 	struct tfo_comm_val *v;
 	__u32 k = 0;
 
-#ifdef TFO_COMPAT
-	BPF_CORE_READ_INTO(&key.comm, task, group_leader, comm);
-#else
-	__builtin_memcpy(key.comm, task->group_leader->comm, sizeof(key.comm)); /* plain loads: BTF pointer */
-#endif
-	tfo_comm_pad(key.comm);
+	tfo_leader_comm(&key.comm, task);
 	if (tfo_cfg.labels) {
 		key.cg = t->cg;
 		v = tfo_comm_lookup(&comm_cg_stats, &key);

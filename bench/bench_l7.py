@@ -4,8 +4,9 @@ Configurations, interleaved round by round (one agent at a time, started before 
 each configuration's workloads): the seed's default collectors (syscalls, network, file I/O, tcp
 events), the defaults plus ``collect_http``, and the defaults plus ``collect_dns``. Workloads: wrk
 against nginx (one worker, keep-alive, a 23-byte file) over plaintext and TLS; dnsperf against
-unbound serving a local zone in a network namespace (port 53); a C loop of getppid (CPU time per
-call: the path of every syscall that moves no socket data). Each figure is the median over the
+unbound serving a local zone in a network namespace (port 53), and a Python loop of
+``getaddrinfo`` against it (glibc's resolver: the issue's other resolver load); a C loop of getppid
+(CPU time per call: the path of every syscall that moves no socket data). Each figure is the median over the
 rounds; each loss the median of the changes against the same round's defaults run (paired, so
 that drift in the host's load cancels). Then one more run of the workloads per
 configuration with ``kernel.bpf_stats_enabled``, for the per-program cost. With ``collect_http``,
@@ -46,7 +47,24 @@ CONFIGS = {
 # (the placement for OpenSSL builds whose internal functions are not found; agent/collectors/tls.py).
 CONFIG_ENV = {"defaults+http, TLS at SSL_read/SSL_write": {FORCE_ATTACH_ENV: "tls=exported"}}
 GETPPID_CALLS = 2_000_000
-WORKLOADS = ("nginx plaintext (req/s)", "nginx TLS (req/s)", "unbound via dnsperf (q/s)", "getppid (ns/call)")
+WORKLOADS = (
+    "nginx plaintext (req/s)",
+    "nginx TLS (req/s)",
+    "unbound via dnsperf (q/s)",
+    "getppid (ns/call)",
+    "unbound via a Python getaddrinfo loop (lookups/s)",
+)
+# One process resolving a.ZONE with glibc (an A and an AAAA query per lookup, sent with sendmmsg)
+# for argv[1] seconds; prints lookups per second.
+LOOKUP_LOOP = """
+import socket, sys, time
+end = time.monotonic() + float(sys.argv[1])
+n = 0
+while time.monotonic() < end:
+    socket.getaddrinfo(sys.argv[2], 80, type=socket.SOCK_STREAM)
+    n += 1
+print(n / float(sys.argv[1]))
+"""
 
 
 def wrk(url: str, seconds: float) -> float:
@@ -67,6 +85,13 @@ def dnsperf(res: Resolver, queries: Path, seconds: float) -> float:
     return float(m.group(1))
 
 
+def lookups(res: Resolver, seconds: float) -> float:
+    out = res.run(sys.executable, "-c", LOOKUP_LOOP, f"{seconds:g}", f"a.{ZONE}")
+    if out.returncode != 0:
+        raise RuntimeError(f"the getaddrinfo loop said: {out.stdout}{out.stderr}")
+    return float(out.stdout)
+
+
 def run_workloads(
     srv: Nginx, res: Resolver, queries: Path, getppid: Path, seconds: float, only: str = ""
 ) -> dict[str, float]:
@@ -76,6 +101,7 @@ def run_workloads(
         out[WORKLOADS[1]] = wrk(f"https://127.0.0.1:{srv.tls_port}/index.html", seconds)
     if only != "http":
         out[WORKLOADS[2]] = dnsperf(res, queries, seconds)
+        out[WORKLOADS[4]] = lookups(res, seconds)
     return out
 
 
@@ -128,7 +154,7 @@ def program_ns(
     pid: int, srv: Nginx, res: Resolver, queries: Path, getppid: Path, args: argparse.Namespace, workload: str
 ) -> str:
     """One run of ``workload`` with bpf_stats on: ns per run of tpbtf_sys_exit, and of the uprobes."""
-    kind = {WORKLOADS[2]: "dns", WORKLOADS[3]: "getppid"}.get(workload, "http")
+    kind = {WORKLOADS[2]: "dns", WORKLOADS[3]: "getppid", WORKLOADS[4]: "dns"}.get(workload, "http")
     if args.only and kind not in (args.only, "getppid"):
         return "-"
     before = program_costs(pid)
@@ -137,6 +163,8 @@ def program_ns(
             cpu_seconds_of([str(getppid), str(GETPPID_CALLS)])
         elif workload == WORKLOADS[2]:
             dnsperf(res, queries, args.seconds)
+        elif workload == WORKLOADS[4]:
+            lookups(res, args.seconds)
         else:
             wrk(
                 f"http://127.0.0.1:{srv.port}/index.html"

@@ -23,89 +23,9 @@ struct dns_cfg {
 };
 volatile struct dns_cfg dns_cfg SEC(".data.dns") = { .ports = { 53 } };
 
-/* Queries in flight, in a set-associative table of plain array slots: a set per hash of (socket,
- * transaction id), DNS_WAYS queries per set. A query takes its own slot again (a retry), else a free
- * one, else the set's oldest (a query that never got its response ages out that way; a live one lost
- * so has its response counted as unmatched). Slots are written without locks: a hash map's update
- * and delete took most of the cost of a query here (~0.6 us of ~1.3 us with an LRU hash). */
-#define DNS_SET_BITS 12
-#define DNS_WAYS 4
-
-struct dns_pending {
-	__u64 sk; /* 0: free */
-	__u64 ts;
-	__u16 id;
-	__u16 qtype;
-	__u32 pad;
-};
-
-struct dns_set {
-	struct dns_pending way[DNS_WAYS];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1 << DNS_SET_BITS);
-	__type(key, __u32);
-	__type(value, struct dns_set);
-} dns_pending SEC(".maps");
-
-static __always_inline struct dns_set *dns_set_of(__u64 sk, __u16 id)
-{
-	__u32 idx = ((sk >> 6 ^ (__u64)id << 32) * 0x9E3779B97F4A7C15ULL) >> (64 - DNS_SET_BITS);
-
-	return bpf_map_lookup_elem(&dns_pending, &idx);
-}
-
-/* Remember a query sent at ts. */
-static __always_inline void dns_pending_put(__u64 sk, __u16 id, __u16 qtype, __u64 ts)
-{
-	struct dns_set *set = dns_set_of(sk, id);
-	struct dns_pending *p, *old;
-	__u32 pick = 0;
-
-	if (!set)
-		return;
-	for (__u32 w = 0; w < DNS_WAYS; w++) {
-		p = &set->way[w];
-		if (p->sk == sk && p->id == id) {
-			pick = w;
-			break;
-		}
-		old = &set->way[pick & (DNS_WAYS - 1)];
-		if (!p->sk || (old->sk && p->ts < old->ts))
-			pick = w;
-	}
-	p = &set->way[pick & (DNS_WAYS - 1)];
-	p->sk = 0;
-	p->ts = ts;
-	p->id = id;
-	p->qtype = qtype;
-	barrier();
-	p->sk = sk;
-}
-
-/* The send time of the query a response answers (same socket, id and qtype), its slot freed; 0 if none. */
-static __always_inline __u64 dns_pending_take(__u64 sk, __u16 id, __u16 qtype)
-{
-	struct dns_set *set = dns_set_of(sk, id);
-	__u64 ts;
-
-	if (!set)
-		return 0;
-	for (__u32 w = 0; w < DNS_WAYS; w++) {
-		struct dns_pending *p = &set->way[w];
-
-		if (p->sk != sk || p->id != id)
-			continue;
-		if (p->qtype != qtype)
-			return 0;
-		ts = p->ts;
-		p->sk = 0;
-		return ts;
-	}
-	return 0;
-}
+/* Queries in flight (l7_flight: k1 = socket, k2 = transaction id, code = qtype): 16,384 slots. */
+#define DNS_PENDING_BITS 12
+L7_FLIGHTS(dns_pending, DNS_PENDING_BITS);
 
 /* kind DNS_QUERY: code = qtype; kind DNS_RESPONSE: code = qtype, a = rcode. Weighted counts. */
 struct {
@@ -158,6 +78,7 @@ __noinline int dns_message(__u64 sk, int sent, __u64 buf, __u64 len)
 {
 	struct task_struct *task = tfo_current_task();
 	__u32 zero = 0, n, off = DNS_HDR, i;
+	struct l7_flight *p, q = {};
 	struct l7_key k;
 	__u16 qtype, id;
 	__u64 sent_at;
@@ -217,16 +138,20 @@ __noinline int dns_message(__u64 sk, int sent, __u64 buf, __u64 len)
 	l7_key_init(&k, task);
 	k.code = qtype;
 	if (sent) {
-		dns_pending_put(sk, id, qtype, bpf_ktime_get_ns());
+		q.ts = bpf_ktime_get_ns();
+		q.code = qtype;
+		l7_flight_put(&dns_pending, DNS_PENDING_BITS, sk, id, &q);
 		k.kind = DNS_QUERY;
 		l7_count(&dns_counts, &k);
 		return 0;
 	}
-	sent_at = dns_pending_take(sk, id, qtype);
-	if (!sent_at) {
+	p = l7_flight_find(&dns_pending, DNS_PENDING_BITS, sk, id);
+	if (!p || p->code != qtype) {
 		l7_error(&dns_errors, DNS_ERR_UNMATCHED, 1);
 		return 0;
 	}
+	sent_at = p->ts;
+	p->k1 = 0;
 	k.kind = DNS_RESPONSE;
 	k.a = b[3] & 0xf;
 	l7_count(&dns_counts, &k);

@@ -19,29 +19,12 @@ enum { HTTP_CLIENT = 1, HTTP_SERVER };      /* l7_key.a (direction) and the role
 /* Parse errors (http_errors index), named in agent/collectors/http.py. */
 enum { HTTP_ERR_TRUNCATED, HTTP_ERR_UNMATCHED, HTTP_ERR_UNANSWERED, HTTP_ERRORS };
 
-/* A connection: a socket (id = struct sock address, tgid 0) or an OpenSSL SSL object (its address
- * in process tgid). */
-struct http_conn_key {
-	__u64 id;
-	__u32 tgid;
-	__u32 pad;
-};
-
-/* The request in flight on a connection. */
-struct http_conn {
-	__u64 ts;
-	__u32 tag;   /* sockets: the port pair, so that a new socket at a freed address starts afresh */
-	__u8 role;   /* HTTP_CLIENT or HTTP_SERVER */
-	__u8 method;
-	__u16 pad;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct http_conn_key);
-	__type(value, struct http_conn);
-} http_conns SEC(".maps");
+/* The request in flight per connection (l7_flight: k1 = the struct sock's address and k2 = 0 for a
+ * socket, k1 = OpenSSL's SSL object's address and k2 = the process's tgid for TLS; role, code =
+ * method, tag = a socket's port pair, so that a new socket at a freed address starts afresh): 65,536
+ * slots. */
+#define HTTP_CONN_BITS 14
+L7_FLIGHTS(http_conns, HTTP_CONN_BITS);
 
 /* kind HTTP_REQUEST: a = direction, b = method; HTTP_RESPONSE: also code = status. */
 struct {
@@ -192,12 +175,11 @@ __noinline int http_after_interims(__u64 buf, __u64 len)
  * verifier checks it once, for both callers. */
 __noinline int http_on_payload(__u64 id, __u32 tgid, int sent, __u64 buf, __u64 len)
 {
-	struct http_conn_key key = { .id = id, .tgid = tgid }, *ck = &key;
 	struct task_struct *task = tfo_current_task();
 	const struct sock *sk = tgid ? NULL : (const struct sock *)id;
 	int what = http_peek(buf, len);
 	__u16 code = what & 0xffff;
-	struct http_conn *c, now = {};
+	struct l7_flight *c, now = {};
 	struct l7_key k;
 	__u8 role;
 
@@ -211,7 +193,7 @@ __noinline int http_on_payload(__u64 id, __u32 tgid, int sent, __u64 buf, __u64 
 	if (sk)
 		now.tag = BPF_CORE_READ(sk, __sk_common.skc_portpair);
 	now.ts = bpf_ktime_get_ns();
-	c = bpf_map_lookup_elem(&http_conns, ck);
+	c = l7_flight_find(&http_conns, HTTP_CONN_BITS, id, tgid);
 	if (c && c->tag != now.tag)
 		c = NULL; /* a new socket where an old one was */
 	l7_key_init(&k, task);
@@ -219,8 +201,8 @@ __noinline int http_on_payload(__u64 id, __u32 tgid, int sent, __u64 buf, __u64 
 		if (c && c->role)
 			l7_error(&http_errors, HTTP_ERR_UNANSWERED, 1);
 		now.role = sent ? HTTP_CLIENT : HTTP_SERVER;
-		now.method = code;
-		bpf_map_update_elem(&http_conns, ck, &now, BPF_ANY);
+		now.code = code;
+		l7_flight_put(&http_conns, HTTP_CONN_BITS, id, tgid, &now);
 		k.kind = HTTP_REQUEST;
 		k.a = now.role;
 		k.b = code;
@@ -242,10 +224,10 @@ __noinline int http_on_payload(__u64 id, __u32 tgid, int sent, __u64 buf, __u64 
 	}
 	k.kind = HTTP_RESPONSE;
 	k.a = role;
-	k.b = c->method;
+	k.b = c->code;
 	k.code = code;
 	now.ts -= c->ts;
-	bpf_map_delete_elem(&http_conns, ck);
+	c->k1 = 0;
 	l7_count(&http_counts, &k);
 	k.kind = 0;
 	k.b = 0;
@@ -277,6 +259,9 @@ struct ssl_call {
 	__u8 pad[6];
 };
 
+/* The call in flight per thread: in task storage (a hash's update and delete per call cost more
+ * than the rest of the entry and return programs here); in the compat build, a hash by thread. */
+#ifdef TFO_COMPAT
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -284,18 +269,58 @@ struct {
 	__type(value, struct ssl_call);
 } ssl_calls SEC(".maps");
 
+static __always_inline void ssl_call_put(const struct ssl_call *call)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	bpf_map_update_elem(&ssl_calls, &id, call, BPF_ANY);
+}
+
+/* The thread's call in flight into *call, forgotten there; false if none. */
+static __always_inline bool ssl_call_take(struct ssl_call *call)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_call *p = bpf_map_lookup_elem(&ssl_calls, &id);
+
+	if (!p)
+		return false;
+	*call = *p;
+	bpf_map_delete_elem(&ssl_calls, &id);
+	return true;
+}
+#else
+TFO_TASK_MAP(ssl_calls, struct ssl_call);
+
+static __always_inline void ssl_call_put(const struct ssl_call *call)
+{
+	struct ssl_call *p = tfo_task_storage(&ssl_calls, tfo_current_task(), true);
+
+	if (p)
+		*p = *call;
+}
+
+static __always_inline bool ssl_call_take(struct ssl_call *call)
+{
+	struct ssl_call *p = tfo_task_storage(&ssl_calls, tfo_current_task(), false);
+
+	if (!p || !p->ssl)
+		return false;
+	*call = *p;
+	p->ssl = 0;
+	return true;
+}
+#endif
+
 static __always_inline int ssl_enter(struct pt_regs *ctx, bool sent, bool ex)
 {
 	struct ssl_call call = {
 		.ssl = PT_REGS_PARM1(ctx), .buf = PT_REGS_PARM2(ctx), .moved = ex ? PT_REGS_PARM4(ctx) : 0,
 		.sent = sent, .ex = ex,
 	};
-	__u64 id;
 
 	if (!(tfo_features & F_HTTP)) /* the filters apply at the return, to what was moved */
 		return 0;
-	id = bpf_get_current_pid_tgid();
-	bpf_map_update_elem(&ssl_calls, &id, &call, BPF_ANY);
+	ssl_call_put(&call);
 	return 0;
 }
 
@@ -311,22 +336,19 @@ int up_ssl_write_ex(struct pt_regs *ctx) { return ssl_enter(ctx, true, true); }
 SEC("uretprobe")
 int up_ssl_return(struct pt_regs *ctx)
 {
-	__u64 id = bpf_get_current_pid_tgid();
 	struct l7_msg m = {};
 	int ret = PT_REGS_RC(ctx);
-	struct ssl_call *p = bpf_map_lookup_elem(&ssl_calls, &id), call;
+	struct ssl_call call;
 
-	if (!p)
+	if (!ssl_call_take(&call))
 		return 0;
-	call = *p;
-	bpf_map_delete_elem(&ssl_calls, &id);
 	if (call.ex) {
 		if (ret <= 0 || bpf_probe_read_user(&m.len, sizeof(m.len), (void *)call.moved))
 			return 0;
 	} else if (ret > 0) {
 		m.len = ret;
 	}
-	return http_on_payload(call.ssl, id >> 32, call.sent, call.buf, m.len);
+	return http_on_payload(call.ssl, bpf_get_current_pid_tgid() >> 32, call.sent, call.buf, m.len);
 }
 
 #endif /* TFO_HTTP_BPF_H */

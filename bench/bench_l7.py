@@ -5,13 +5,18 @@ each configuration's workloads): the seed's default collectors (syscalls, networ
 events), the defaults plus ``collect_http``, and the defaults plus ``collect_dns``. Workloads: wrk
 against nginx (one worker, keep-alive, a 23-byte file) over plaintext and TLS; dnsperf against
 unbound serving a local zone in a network namespace (port 53), and a Python loop of
-``getaddrinfo`` against it (glibc's resolver: the issue's other resolver load); a C loop of getppid
-(CPU time per call: the path of every syscall that moves no socket data). Each figure is the median over the
-rounds; each loss the median of the changes against the same round's defaults run (paired, so
-that drift in the host's load cancels). Then one more run of the workloads per
-configuration with ``kernel.bpf_stats_enabled``, for the per-program cost. With ``collect_http``,
-twice: TLS probed where the agent probes it (OpenSSL 3.0's internal functions), and forced onto the
-exported SSL_read/SSL_write (other OpenSSL builds).
+``getaddrinfo`` against it (glibc's resolver: the issue's other resolver load); a C loop of
+getppid (CPU time per call: the path of every syscall that moves no socket data).
+
+Each figure is the median over the rounds; each loss the median of the changes against the same
+round's defaults run (paired, so that drift in the host's load cancels). Each round starts with the
+next configuration: on this VM an A/A run (the same configuration twice) gave the second run 10%
+fewer dnsperf queries/s. The rates swing by 10-20% from run to run here, so each workload also
+reports the CPU its client and server spent per request, query or lookup (the agent's programs run
+in their context): the steadier measure of what a collector adds. Then one more run of the
+workloads per configuration with ``kernel.bpf_stats_enabled``, for the per-program cost. With
+``collect_http``, twice: TLS probed where the agent probes it (OpenSSL 3.0's internal functions),
+and forced onto the exported SSL_read/SSL_write (other OpenSSL builds).
 
 Run: .venv/bin/python -m bench.bench_l7 [--rounds 5] [--seconds 5] [--only http|dns]
 """
@@ -22,11 +27,12 @@ import argparse
 import contextlib
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from agent.collectors import FORCE_ATTACH_ENV
@@ -67,6 +73,31 @@ print(n / float(sys.argv[1]))
 """
 
 
+def children_cpu() -> float:
+    """CPU seconds of this process's children waited for so far (the clients: wrk, dnsperf, python)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` (all threads) and its child processes (nginx's worker)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    pids = [pid, *map(int, children)]
+    total = 0
+    for p in pids:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measured(server_pid: int, run: Callable[[], float], seconds: float) -> tuple[float, float]:
+    """The rate ``run`` reports, and the CPU microseconds client and server spent per unit of it."""
+    client, server = children_cpu(), tree_cpu(server_pid)
+    rate = run()
+    cpu = children_cpu() - client + tree_cpu(server_pid) - server
+    return rate, cpu / (rate * seconds) * 1e6
+
+
 def wrk(url: str, seconds: float) -> float:
     out = subprocess.run(
         ["wrk", "-t1", "-c4", f"-d{seconds:g}s", url], capture_output=True, text=True, check=True
@@ -94,15 +125,23 @@ def lookups(res: Resolver, seconds: float) -> float:
 
 def run_workloads(
     srv: Nginx, res: Resolver, queries: Path, getppid: Path, seconds: float, only: str = ""
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each workload's figure (a rate; ns per getppid), and the CPU per request/query/lookup of the
+    rate workloads (client and server processes, by the kernel's accounting)."""
     out = {WORKLOADS[3]: cpu_seconds_of([str(getppid), str(GETPPID_CALLS)]) / GETPPID_CALLS * 1e9}
+    cpu: dict[str, float] = {}
+    runs: dict[str, tuple[int, Callable[[], float]]] = {}
     if only != "dns":
-        out[WORKLOADS[0]] = wrk(f"http://127.0.0.1:{srv.port}/index.html", seconds)
-        out[WORKLOADS[1]] = wrk(f"https://127.0.0.1:{srv.tls_port}/index.html", seconds)
+        nginx_pid = int((srv.dir / "nginx.pid").read_text())
+        runs[WORKLOADS[0]] = (nginx_pid, lambda: wrk(f"http://127.0.0.1:{srv.port}/index.html", seconds))
+        runs[WORKLOADS[1]] = (nginx_pid, lambda: wrk(f"https://127.0.0.1:{srv.tls_port}/index.html", seconds))
     if only != "http":
-        out[WORKLOADS[2]] = dnsperf(res, queries, seconds)
-        out[WORKLOADS[4]] = lookups(res, seconds)
-    return out
+        unbound_pid = int((res.dir / "unbound.pid").read_text())
+        runs[WORKLOADS[2]] = (unbound_pid, lambda: dnsperf(res, queries, seconds))
+        runs[WORKLOADS[4]] = (unbound_pid, lambda: lookups(res, seconds))
+    for w, (pid, run) in runs.items():
+        out[w], cpu[w] = measured(pid, run, seconds)
+    return out, cpu
 
 
 def main() -> int:
@@ -120,15 +159,24 @@ def main() -> int:
     queries = work / "queries.txt"
     queries.write_text("".join(f"a.{ZONE} {t}\n" for t in ("A", "AAAA", "MX", "TXT")) + f"nx.{ZONE} A\n")
     results: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
+    cpus: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
+    order = list(configs)
     with nginx(work, "nginx") as srv, resolver(work) as res:
         for r in range(args.rounds):
-            for config, ebpf in configs.items():
-                with config_env(config), running_agent(ebpf, work):
-                    for w, v in run_workloads(srv, res, queries, getppid, args.seconds, args.only).items():
-                        results[config][w].append(v)
+            # each round starts with the next configuration: no arm always runs first
+            for config in order[r % len(order) :] + order[: r % len(order)]:
+                with config_env(config), running_agent(configs[config], work):
+                    figures, cpu = run_workloads(srv, res, queries, getppid, args.seconds, args.only)
+                for w, v in figures.items():
+                    results[config][w].append(v)
+                for w, v in cpu.items():
+                    cpus[config][w].append(v)
             print(f"round {r + 1}/{args.rounds}: load {os.getloadavg()[0]:.1f}", flush=True)
-        report(results, args)
-        print("\nsys_exit per run, by workload (kernel.bpf_stats_enabled; one run each, after the rounds):\n")
+        report(results, cpus, args)
+        print(
+            "\nBPF cost by workload (kernel.bpf_stats_enabled; one run each, after the rounds): all the agent's"
+            " programs per request, query, lookup or call, then sys_exit and the uprobes per run:\n"
+        )
         print(f"| configuration | {' | '.join(w.split(' (')[0] for w in WORKLOADS)} |\n|---|{'---|' * len(WORKLOADS)}")
         for config, ebpf in configs.items():
             with config_env(config), running_agent(ebpf, work) as agent:
@@ -153,7 +201,8 @@ def config_env(config: str) -> Iterator[None]:
 def program_ns(
     pid: int, srv: Nginx, res: Resolver, queries: Path, getppid: Path, args: argparse.Namespace, workload: str
 ) -> str:
-    """One run of ``workload`` with bpf_stats on: ns per run of tpbtf_sys_exit, and of the uprobes."""
+    """One run of ``workload`` with bpf_stats on: ns per run of tpbtf_sys_exit and of the uprobes,
+    and every program of the agent together per unit of work (request, query, lookup, call)."""
     kind = {WORKLOADS[2]: "dns", WORKLOADS[3]: "getppid", WORKLOADS[4]: "dns"}.get(workload, "http")
     if args.only and kind not in (args.only, "getppid"):
         return "-"
@@ -161,12 +210,13 @@ def program_ns(
     with bpf_stats():
         if workload == WORKLOADS[3]:
             cpu_seconds_of([str(getppid), str(GETPPID_CALLS)])
+            units = float(GETPPID_CALLS)
         elif workload == WORKLOADS[2]:
-            dnsperf(res, queries, args.seconds)
+            units = dnsperf(res, queries, args.seconds) * args.seconds
         elif workload == WORKLOADS[4]:
-            lookups(res, args.seconds)
+            units = lookups(res, args.seconds) * args.seconds
         else:
-            wrk(
+            units = args.seconds * wrk(
                 f"http://127.0.0.1:{srv.port}/index.html"
                 if workload == WORKLOADS[0]
                 else f"https://127.0.0.1:{srv.tls_port}/index.html",
@@ -178,10 +228,13 @@ def program_ns(
         runs, ns = (a - b for a, b in zip(after.get(name, (0, 0)), before.get(name, (0, 0))))
         if runs:
             cells.append(f"{name.removeprefix('tpbtf_')} {ns / runs:.0f} ns x {runs:,}")
-    return "; ".join(cells)
+    total = sum(a[1] - before.get(name, (0, 0))[1] for name, a in after.items())
+    return f"all {total / units:,.0f} ns/unit: " + "; ".join(cells)
 
 
-def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
+def report(
+    results: dict[str, dict[str, list[float]]], cpus: dict[str, dict[str, list[float]]], args: argparse.Namespace
+) -> None:
     base = results["defaults"]
     print(f"\nmedian of {args.rounds} interleaved rounds, {args.seconds:g} s per run, load {os.getloadavg()[0]:.1f}:\n")
     print(f"| configuration | {' | '.join(WORKLOADS)} |\n|---|{'---|' * len(WORKLOADS)}")
@@ -201,6 +254,18 @@ def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace)
             else:  # loss in rate
                 loss = statistics.median(100 * (1 - v / b) for v, b in zip(results[config][w], base[w]))
                 cells.append(f"{med:,.0f} ({loss:+.1f}%)")
+        print(f"| {config} | {' | '.join(cells)} |")
+    rated = [w for w in WORKLOADS if any(cpus[c][w] for c in cpus)]
+    print(
+        "\nCPU of client and server per request, query or lookup (us; median, and the median of the paired changes):\n"
+    )
+    print(f"| configuration | {' | '.join(w.split(' (')[0] for w in rated)} |\n|---|{'---|' * len(rated)}")
+    for config in cpus:
+        cells = []
+        for w in rated:
+            med = statistics.median(cpus[config][w])
+            change = statistics.median(100 * (v / b - 1) for v, b in zip(cpus[config][w], cpus["defaults"][w]))
+            cells.append(f"{med:,.1f}" if config == "defaults" else f"{med:,.1f} ({change:+.1f}%)")
         print(f"| {config} | {' | '.join(cells)} |")
 
 

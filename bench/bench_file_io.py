@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench.bpf_stats import bpf_stats, program_costs
+from bench.c_program import compile_c
 from bench.syscall_floor import FLOOR, configured
 from tests.conftest import running_agent
 
@@ -180,9 +181,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-fio-"))
     # tmpfs when there is one: on ext4 two untraced runs in a row differed by 7-9% (writeback, journal)
     data = Path(tempfile.mkdtemp(prefix="tfo-bench-fio-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    (work / "fiobench.c").write_text(WORKLOAD)
-    exe = work / "fiobench"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(work / "fiobench.c")], check=True)
+    exe = compile_c(work, "fiobench", WORKLOAD)
 
     try:
         results: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in CONFIGS}

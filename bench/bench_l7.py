@@ -39,6 +39,7 @@ from agent.collectors import FORCE_ATTACH_ENV
 from bench.bench_syscalls import WORKLOAD as GETPPID_LOOP
 from bench.bench_syscalls import cpu_seconds_of
 from bench.bpf_stats import bpf_stats, program_costs
+from bench.c_program import compile_c
 from tests.conftest import running_agent
 from tests.l7servers import ZONE, Nginx, Resolver, nginx, resolver
 
@@ -153,9 +154,7 @@ def main() -> int:
     arms = ("defaults", f"defaults+{args.only}")
     configs = {c: e for c, e in CONFIGS.items() if not args.only or c == arms[0] or c.startswith(arms[1])}
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-l7-"))
-    (work / "getppid.c").write_text(GETPPID_LOOP)
-    getppid = work / "getppid_loop"
-    subprocess.run(["gcc", "-O2", "-o", str(getppid), str(work / "getppid.c")], check=True)
+    getppid = compile_c(work, "getppid_loop", GETPPID_LOOP)
     queries = work / "queries.txt"
     queries.write_text("".join(f"a.{ZONE} {t}\n" for t in ("A", "AAAA", "MX", "TXT")) + f"nx.{ZONE} A\n")
     results: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}

@@ -26,7 +26,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 from bench.bench_syscalls import WORKLOAD, cpu_seconds_of
 from bench.bpf_stats import bpf_stats, program_costs
+from bench.c_program import compile_c
 from tests.conftest import running_agent, wait_for
 from tests.conftest_cri import Containerd, Cri, build_image
 
@@ -74,9 +74,7 @@ def under_arm(arm: str, work: Path, cmd: list[str], stats: bool = False) -> floa
 
 
 def syscall_cost(work: Path, rounds: int, calls: int, stats_rounds: int) -> None:
-    (work / "getppid.c").write_text(WORKLOAD)
-    exe = work / "getppid_loop"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(work / "getppid.c")], check=True)
+    exe = compile_c(work, "getppid_loop", WORKLOAD)
     cmd = [str(exe), str(calls)]
     times: dict[str, list[float]] = {"untraced": [], **{arm: [] for arm in ARMS}}
     for r in range(rounds):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench.bpf_stats import bpf_stats, program_costs
+from bench.c_program import compile_c
 from bench.syscall_floor import FLOOR, configured
 from tests.conftest import running_agent
 
@@ -194,9 +195,7 @@ def main() -> int:
     pin_cpu = None if args.cpu < 0 else args.cpu
     configs = {c: e for c, e in CONFIGS.items() if c == "untraced" or c in args.configs}
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-net-"))
-    (work / "tcpbench.c").write_text(WORKLOAD)
-    exe = work / "tcpbench"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(work / "tcpbench.c")], check=True)
+    exe = compile_c(work, "tcpbench", WORKLOAD)
 
     wall: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
     cpu: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}

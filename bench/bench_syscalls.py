@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.c_program import compile_c
 from tests.conftest import running_agent
 
 WORKLOAD = r"""
@@ -78,9 +79,7 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle measurement")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-"))
-    (work / "getppid.c").write_text(WORKLOAD)
-    exe = work / "getppid_loop"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(work / "getppid.c")], check=True)
+    exe = compile_c(work, "getppid_loop", WORKLOAD)
     cmd = [str(exe), str(args.calls)]
 
     times: dict[str, list[float]] = {"untraced": [], **{arm: [] for arm in AGENT_ARMS}, "syscount -L": []}

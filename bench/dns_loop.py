@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench.bench_l7 import DEFAULTS, children_cpu
 from bench.bpf_stats import bpf_stats, program_costs
+from bench.c_program import compile_c
 from tests.conftest import running_agent
 
 LOOP = r"""
@@ -70,9 +71,7 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=100_000)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-dns-"))
-    (work / "loop.c").write_text(LOOP)
-    exe = str(work / "loop")
-    subprocess.run(["gcc", "-O2", "-o", exe, str(work / "loop.c")], check=True)
+    exe = str(compile_c(work, "loop", LOOP))
     netns = f"tfodns{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     best: dict[str, tuple[float, float]] = {}

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from agent.libbpf import BpfObject
+from bench.c_program import compile_c
 from tests.conftest import BPF_DIR
 
 LOOP = r"""
@@ -51,9 +52,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=20000)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tfo-bench-uprobe-"))
-    (work / "loop.c").write_text(LOOP)
-    exe = str(work / "loop")
-    subprocess.run(["gcc", "-O2", "-o", exe, str(work / "loop.c")], check=True)
+    exe = str(compile_c(work, "loop", LOOP))
     obj = BpfObject(str(BPF_DIR / "syscalls.bpf.o"))
     for p in obj.program_names:
         obj.set_autoload(p, p.startswith("up_"))

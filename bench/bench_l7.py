@@ -124,13 +124,11 @@ def lookups(res: Resolver, seconds: float) -> float:
     return float(out.stdout)
 
 
-def run_workloads(
-    srv: Nginx, res: Resolver, queries: Path, getppid: Path, seconds: float, only: str = ""
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Each workload's figure (a rate; ns per getppid), and the CPU per request/query/lookup of the
-    rate workloads (client and server processes, by the kernel's accounting)."""
-    out = {WORKLOADS[3]: cpu_seconds_of([str(getppid), str(GETPPID_CALLS)]) / GETPPID_CALLS * 1e9}
-    cpu: dict[str, float] = {}
+def rate_runs(
+    srv: Nginx, res: Resolver, queries: Path, seconds: float, only: str = ""
+) -> dict[str, tuple[int, Callable[[], float]]]:
+    """The rate workloads ``only`` selects (all by default): each its server's pid and a run that
+    returns its rate."""
     runs: dict[str, tuple[int, Callable[[], float]]] = {}
     if only != "dns":
         nginx_pid = int((srv.dir / "nginx.pid").read_text())
@@ -140,7 +138,17 @@ def run_workloads(
         unbound_pid = int((res.dir / "unbound.pid").read_text())
         runs[WORKLOADS[2]] = (unbound_pid, lambda: dnsperf(res, queries, seconds))
         runs[WORKLOADS[4]] = (unbound_pid, lambda: lookups(res, seconds))
-    for w, (pid, run) in runs.items():
+    return runs
+
+
+def run_workloads(
+    srv: Nginx, res: Resolver, queries: Path, getppid: Path, seconds: float, only: str = ""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each workload's figure (a rate; ns per getppid), and the CPU per request/query/lookup of the
+    rate workloads (client and server processes, by the kernel's accounting)."""
+    out = {WORKLOADS[3]: cpu_seconds_of([str(getppid), str(GETPPID_CALLS)]) / GETPPID_CALLS * 1e9}
+    cpu: dict[str, float] = {}
+    for w, (pid, run) in rate_runs(srv, res, queries, seconds, only).items():
         out[w], cpu[w] = measured(pid, run, seconds)
     return out, cpu
 
@@ -202,25 +210,16 @@ def program_ns(
 ) -> str:
     """One run of ``workload`` with bpf_stats on: ns per run of tpbtf_sys_exit and of the uprobes,
     and every program of the agent together per unit of work (request, query, lookup, call)."""
-    kind = {WORKLOADS[2]: "dns", WORKLOADS[3]: "getppid", WORKLOADS[4]: "dns"}.get(workload, "http")
-    if args.only and kind not in (args.only, "getppid"):
+    rates = rate_runs(srv, res, queries, args.seconds, args.only)
+    if workload != WORKLOADS[3] and workload not in rates:
         return "-"
     before = program_costs(pid)
     with bpf_stats():
         if workload == WORKLOADS[3]:
             cpu_seconds_of([str(getppid), str(GETPPID_CALLS)])
             units = float(GETPPID_CALLS)
-        elif workload == WORKLOADS[2]:
-            units = dnsperf(res, queries, args.seconds) * args.seconds
-        elif workload == WORKLOADS[4]:
-            units = lookups(res, args.seconds) * args.seconds
         else:
-            units = args.seconds * wrk(
-                f"http://127.0.0.1:{srv.port}/index.html"
-                if workload == WORKLOADS[0]
-                else f"https://127.0.0.1:{srv.tls_port}/index.html",
-                args.seconds,
-            )
+            units = rates[workload][1]() * args.seconds
         after = program_costs(pid)
     cells = []
     for name in ("tpbtf_sys_exit", "up_ssl_return", "up_ssl_read", "up_ssl_write", "up_ssl_read_ex", "up_ssl_write_ex"):

@@ -198,7 +198,7 @@ __noinline int http_on_payload(__u64 id, __u32 tgid, int sent, __u64 buf, __u64 
 		c = NULL; /* a new socket where an old one was */
 	l7_key_init(&k, task);
 	if (what == HTTP_REQ) {
-		if (c && c->role)
+		if (c) /* a slot in use always holds a request */
 			l7_error(&http_errors, HTTP_ERR_UNANSWERED, 1);
 		now.role = sent ? HTTP_CLIENT : HTTP_SERVER;
 		now.code = code;

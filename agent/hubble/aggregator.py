@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import deque
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from google.protobuf.message import DecodeError
 
@@ -34,11 +34,13 @@ from agent.hubble.families import (
     project,
     workload_of,
 )
-from agent.hubble.proto import flow_pb2, observer_pb2
+from agent.hubble.flow_view import Endpoint, GetFlowsResponseView
+from agent.hubble.proto import flow_pb2
 from agent.l7names import rcode_name
 from agent.registry import Kind, MetricFamily
 
 MAX_TRACKED_CONNECTIONS = 65536
+MAX_ENDPOINT_PAIRS = 100000  # endpoint pairs whose labels are kept (the cache starts over beyond)
 
 
 class Stats:
@@ -57,6 +59,14 @@ class Stats:
         self.series_overflow: dict[str, int] = dict.fromkeys(FAMILIES, 0)
 
 
+def _workload(ep: flow_pb2.Endpoint) -> str:
+    """The workload label of an endpoint: its first workload, else derived from the pod name,
+    else (no pod) Cilium's reserved identity when it has no namespace either."""
+    if ep.pod_name:
+        return ep.workloads[0].name if ep.workloads else workload_of(ep.pod_name)
+    return "" if ep.namespace else RESERVED.get(ep.identity, "")
+
+
 class Aggregator:
     """Turns raw ``GetFlowsResponse`` bytes into window-aggregated hubble_* families."""
 
@@ -68,8 +78,9 @@ class Aggregator:
         self.max_series = max_series
         self.stats = Stats()
         self._keep_ns = keep_ns
-        self._keep_cache: dict[tuple[str, str], bool] = {}
-        self._wl_cache: dict[str, str] = {}
+        # (source, destination) endpoint bytes -> their namespaces, workloads and pods, or None
+        # when the namespace rule skips the pair
+        self._pairs: dict[tuple[bytes, bytes], Optional[tuple[str, str, str, str, str, str]]] = {}
         self._pending: dict[tuple, list[int]] = {}  # FlowKey fields -> [count, bytes]
         self._hist: dict[tuple[str, tuple[str, ...]], list] = {}
         # endpoint -> (last window seen, last window with a forwarded flow)
@@ -104,7 +115,7 @@ class Aggregator:
     def add(self, raw: bytes) -> None:
         """Decode one GetFlowsResponse and account for it (callers other than add_burst hold ``lock``)."""
         try:
-            resp = observer_pb2.GetFlowsResponse.FromString(raw)
+            resp = GetFlowsResponseView.FromString(raw)
         except DecodeError:
             self.stats.decode_errors += 1
             return
@@ -131,22 +142,20 @@ class Aggregator:
             return False
         return self._resuming
 
-    def _workload(self, ep: flow_pb2.Endpoint, ns: str, pod: str) -> str:
-        """The workload label of an endpoint: its first workload, else derived from the pod name,
-        else (no pod) Cilium's reserved identity when it has no namespace either."""
-        if pod:
-            wls = ep.workloads
-            if wls:
-                return wls[0].name
-            wl = self._wl_cache.get(pod)
-            if wl is None:
-                if len(self._wl_cache) > 100000:
-                    self._wl_cache.clear()
-                wl = self._wl_cache[pod] = workload_of(pod)
-            return wl
-        return "" if ns else RESERVED.get(ep.identity, "")
+    def _endpoints_of(self, pair: tuple[bytes, bytes]) -> Optional[tuple[str, str, str, str, str, str]]:
+        """(source namespace, workload, pod, destination namespace, workload, pod) of an endpoint pair,
+        or None when the namespace rule skips it; derived once per pair (see flow_view)."""
+        if len(self._pairs) >= MAX_ENDPOINT_PAIRS:
+            self._pairs.clear()
+        src, dst = Endpoint.FromString(pair[0]), Endpoint.FromString(pair[1])
+        ends = None
+        if self._keep_ns(src.namespace, dst.namespace):
+            ends = (src.namespace, _workload(src), src.pod_name, dst.namespace, _workload(dst), dst.pod_name)
+        self._pairs[pair] = ends
+        return ends
 
-    def _add_flow(self, f: flow_pb2.Flow, raw: bytes, resp_node: str) -> None:
+    def _add_flow(self, f: Any, raw: bytes, resp_node: str) -> None:
+        """Account for one flow (``f``: a FlowView, endpoints as bytes)."""
         t = f.time
         ts = t.seconds * 1_000_000_000 + t.nanos
         if ts > self.high_water_ns:  # the common case, in time order: a new high-water mark
@@ -154,18 +163,15 @@ class Aggregator:
         elif self._is_duplicate(ts, raw):
             self.stats.flows_duplicate += 1
             return
-        src, dst = f.source, f.destination
-        src_ns, dst_ns = src.namespace, dst.namespace
-        pair = (src_ns, dst_ns)
-        keep = self._keep_cache.get(pair)
-        if keep is None:
-            keep = self._keep_cache[pair] = self._keep_ns(src_ns, dst_ns)
-        if not keep:
+        pair = (f.source, f.destination)
+        ends = self._pairs.get(pair, False)
+        if ends is False:
+            ends = self._endpoints_of(pair)
+        if ends is None:
             self.stats.flows_filtered += 1
             return
         self.stats.flows_processed += 1
-        src_pod, dst_pod = src.pod_name, dst.pod_name
-        src_wl, dst_wl = self._workload(src, src_ns, src_pod), self._workload(dst, dst_ns, dst_pod)
+        src_ns, src_wl, src_pod, dst_ns, dst_wl, dst_pod = ends
         node_label = self.groups.node_label
         node = (f.node_name or resp_node) if node_label else ""
         verdict = f.verdict
@@ -267,9 +273,7 @@ class Aggregator:
             return "kafka", k.api_key, str(k.error_code), k.topic
         return "", "", "", ""
 
-    def _track_tcp(
-        self, f: flow_pb2.Flow, flags: flow_pb2.TCPFlags, ts: int, labels: tuple[str, ...], scale: int
-    ) -> bool:
+    def _track_tcp(self, f: Any, flags: flow_pb2.TCPFlags, ts: int, labels: tuple[str, ...], scale: int) -> bool:
         ip, tcp = f.IP, f.l4.TCP
         fwd = (ip.source, tcp.source_port, ip.destination, tcp.destination_port)
         if flags.SYN and not flags.ACK:

@@ -67,24 +67,26 @@ FIELD_MASK = (
 # A trickling stream costs a wake-up per message; after a wait the reader naps NAP so that
 # messages queue up and are read in a burst (adds at most NAP of latency, nothing is lost: what
 # arrives meanwhile waits in the socket's receive buffer and the HTTP/2 window, both window_bytes,
-# see stream_options). Naps are only for slow streams, below NAP_RATE; the rate is measured while
-# reading without naps, PROBE seconds out of every PROBE_EVERY, from the probe's first wait on (a
-# nap's pile would inflate it). Only a reader that was idle (neither running nor waiting for a CPU)
-# for IDLE_SHARE of a probe naps at all: one that was busy, or starved on a loaded host, is about
-# as fast as its stream whatever the rate, and a nap would only put it behind.
+# see stream_options). Naps are only for slow streams, below NAP_RATE, and only while a nap's pile
+# fills at most half the window (else the window, not the relay, would set the pace); the rate is
+# measured while reading without naps, PROBE seconds out of every PROBE_EVERY, from the probe's
+# first wait on (a nap's pile would inflate it). Only a reader that was idle (neither running nor
+# waiting for a CPU) for IDLE_SHARE of a probe naps at all: one that was busy, or starved on a
+# loaded host, is about as fast as its stream whatever the rate, and a nap would only put it behind.
+# At 5,000 flows/s naps of 50 ms cost the reader 8% less CPU than naps of 20 ms (bench/RESULTS.md).
 #
 # It cannot be measured while napping, nor can a wait be told from a read by its duration alone:
 # gRPC reads the socket a chunk at a time, and reading a chunk of what piled up can take
 # milliseconds on a busy host. A reader that took such reads for waits and napped after each would
-# read one chunk per nap (~64 KB per 20 ms, ~13k flows/s) whatever the stream's rate: the slow mode.
+# read one chunk per nap (~64 KB per nap) whatever the stream's rate: the slow mode.
 # So after a nap, a slow read counts as a wait only once the reader has read what the nap should
 # have gathered at the measured rate; if the stream got faster meanwhile, the next probe (within
 # PROBE_EVERY) reads what piled up and stops the naps. Naps also stop (but for one a
 # second) when they gather no burst of MIN_BURST messages: on a slow host, where every read takes
 # longer than IDLE_WAIT, the reader is not slowed further.
 IDLE_WAIT = 0.0002
-NAP = 0.02
-NAP_RATE = 4e6  # bytes/s, ~18k flows/s; a nap then gathers ~80 KB, within Linux's default socket buffer
+NAP = 0.05
+NAP_RATE = 4e6  # bytes/s, ~18k flows/s; a nap then gathers ~200 KB, a fifth of the default window
 IDLE_SHARE = 0.5
 PROBE, PROBE_EVERY = 0.2, 1.0
 MIN_BURST = 8
@@ -111,11 +113,13 @@ def read_in_bursts(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     active: Callable[[], float] = thread_active,
+    window: float = float("inf"),
 ) -> Iterator[bytes]:
     """Yield ``messages``; after having to wait for one, call ``waited`` and nap (see NAP) so that the
-    next ones pile up."""
+    next ones pile up (in a receive window of ``window`` bytes)."""
     ready = last_nap = probed = clock()  # probed: when the current (or last) probe began measuring
     rate = 0.0  # bytes/s, as the last probe measured
+    napping = False  # whether the last probe found a stream to nap for
     probing, measuring, probe_bytes, probe_active = True, True, 0, active()
     quick = read = 0  # messages that were there when asked for, since the last nap / bytes read since
     for raw in messages:
@@ -123,6 +127,7 @@ def read_in_bursts(
         if measuring and t - probed >= PROBE:
             idle = active() - probe_active <= (1 - IDLE_SHARE) * (t - probed)
             rate, probing, measuring = (probe_bytes / (t - probed) if idle else NAP_RATE), False, False
+            napping = rate < NAP_RATE and rate * NAP <= window / 2
         elif not probing and t - probed >= PROBE_EVERY:
             probing = True  # it measures from its first wait on: a nap's pile would inflate the rate
         if t - ready <= IDLE_WAIT:
@@ -131,7 +136,7 @@ def read_in_bursts(
             waited()
             if probing and not measuring:
                 measuring, probe_bytes, probe_active, probed = True, 0, active(), t
-            elif not probing and rate < NAP_RATE and (quick >= MIN_BURST or t - last_nap > 1.0):
+            elif not probing and napping and (quick >= MIN_BURST or t - last_nap > 1.0):
                 sleep(NAP)
                 quick = read = 0
                 last_nap = t
@@ -229,6 +234,7 @@ class FlowStream:
         self.target = target
         self.credentials = credentials
         self.options = [*options, *stream_options(window_bytes)]
+        self.window_bytes = window_bytes
         self.node_filter = node_filter
         self.sink = sink
         self.pending: deque = deque()  # flows read and not yet aggregated (at most BATCH)
@@ -342,7 +348,7 @@ class FlowStream:
         take = self.bucket.take
         add_burst = sink.add_burst
         got = False
-        for raw in read_in_bursts(call, lambda: add_burst(pending)):
+        for raw in read_in_bursts(call, lambda: add_burst(pending), window=self.window_bytes):
             got = True
             st.received += 1
             if raw[:1] == _FLOW_TAG:

@@ -40,7 +40,7 @@ from agent.l7names import rcode_name
 from agent.registry import Kind, MetricFamily
 
 MAX_TRACKED_CONNECTIONS = 65536
-MAX_ENDPOINT_PAIRS = 100000  # endpoint pairs whose labels are kept (the cache starts over beyond)
+MAX_ENDPOINT_PAIRS = 30000  # endpoint pairs whose labels are kept (≤ ~20 MB; the cache starts over beyond)
 
 
 class Stats:

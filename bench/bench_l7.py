@@ -91,12 +91,12 @@ def tree_cpu(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def measured(server_pid: int, run: Callable[[], float], seconds: float) -> tuple[float, float]:
-    """The rate ``run`` reports, and the CPU microseconds client and server spent per unit of it."""
+def measured(server_pid: int, run: Callable[[], float], seconds: float) -> tuple[float, tuple[float, float]]:
+    """The rate ``run`` reports, and the CPU microseconds (client, server) spent per unit of it."""
     client, server = children_cpu(), tree_cpu(server_pid)
     rate = run()
-    cpu = children_cpu() - client + tree_cpu(server_pid) - server
-    return rate, cpu / (rate * seconds) * 1e6
+    units = rate * seconds / 1e6
+    return rate, ((children_cpu() - client) / units, (tree_cpu(server_pid) - server) / units)
 
 
 def wrk(url: str, seconds: float) -> float:
@@ -143,11 +143,11 @@ def rate_runs(
 
 def run_workloads(
     srv: Nginx, res: Resolver, queries: Path, getppid: Path, seconds: float, only: str = ""
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """Each workload's figure (a rate; ns per getppid), and the CPU per request/query/lookup of the
-    rate workloads (client and server processes, by the kernel's accounting)."""
+    rate workloads (client, server; by the kernel's accounting)."""
     out = {WORKLOADS[3]: cpu_seconds_of([str(getppid), str(GETPPID_CALLS)]) / GETPPID_CALLS * 1e9}
-    cpu: dict[str, float] = {}
+    cpu: dict[str, tuple[float, float]] = {}
     for w, (pid, run) in rate_runs(srv, res, queries, seconds, only).items():
         out[w], cpu[w] = measured(pid, run, seconds)
     return out, cpu
@@ -166,7 +166,7 @@ def main() -> int:
     queries = work / "queries.txt"
     queries.write_text("".join(f"a.{ZONE} {t}\n" for t in ("A", "AAAA", "MX", "TXT")) + f"nx.{ZONE} A\n")
     results: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
-    cpus: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
+    cpus: dict[str, dict[str, list[tuple[float, float]]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
     order = list(configs)
     with nginx(work, "nginx") as srv, resolver(work) as res:
         for r in range(args.rounds):
@@ -231,7 +231,9 @@ def program_ns(
 
 
 def report(
-    results: dict[str, dict[str, list[float]]], cpus: dict[str, dict[str, list[float]]], args: argparse.Namespace
+    results: dict[str, dict[str, list[float]]],
+    cpus: dict[str, dict[str, list[tuple[float, float]]]],
+    args: argparse.Namespace,
 ) -> None:
     base = results["defaults"]
     print(f"\nmedian of {args.rounds} interleaved rounds, {args.seconds:g} s per run, load {os.getloadavg()[0]:.1f}:\n")
@@ -254,17 +256,17 @@ def report(
                 cells.append(f"{med:,.0f} ({loss:+.1f}%)")
         print(f"| {config} | {' | '.join(cells)} |")
     rated = [w for w in WORKLOADS if any(cpus[c][w] for c in cpus)]
-    print(
-        "\nCPU of client and server per request, query or lookup (us; median, and the median of the paired changes):\n"
-    )
-    print(f"| configuration | {' | '.join(w.split(' (')[0] for w in rated)} |\n|---|{'---|' * len(rated)}")
-    for config in cpus:
-        cells = []
-        for w in rated:
-            med = statistics.median(cpus[config][w])
-            change = statistics.median(100 * (v / b - 1) for v, b in zip(cpus[config][w], cpus["defaults"][w]))
-            cells.append(f"{med:,.1f}" if config == "defaults" else f"{med:,.1f} ({change:+.1f}%)")
-        print(f"| {config} | {' | '.join(cells)} |")
+    for whose, part in (("client and server", sum), ("the server alone (nginx, unbound)", lambda cs: cs[1])):
+        print(f"\nCPU of {whose} per request, query or lookup (us; median, and the median of the paired changes):\n")
+        print(f"| configuration | {' | '.join(w.split(' (')[0] for w in rated)} |\n|---|{'---|' * len(rated)}")
+        for config in cpus:
+            cells = []
+            for w in rated:
+                values, base_values = [part(cs) for cs in cpus[config][w]], [part(cs) for cs in cpus["defaults"][w]]
+                med = statistics.median(values)
+                change = statistics.median(100 * (v / b - 1) for v, b in zip(values, base_values))
+                cells.append(f"{med:,.1f}" if config == "defaults" else f"{med:,.1f} ({change:+.1f}%)")
+            print(f"| {config} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

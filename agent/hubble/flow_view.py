@@ -26,7 +26,7 @@ def _build() -> type:
     observer_pb2.DESCRIPTOR.CopyToProto(observer_file)
     view = descriptor_pb2.FileDescriptorProto(
         name="tfo_agent/hubble/flow_view.proto", package=PACKAGE, syntax="proto3",
-        dependency=[observer_pb2.DESCRIPTOR.name, *observer_file.dependency],
+        dependency=sorted({observer_pb2.DESCRIPTOR.name, *observer_file.dependency, *flow_file.dependency}),
     )  # fmt: skip
     flow = view.message_type.add()
     flow.CopyFrom(_message(flow_file, "Flow"))
@@ -43,8 +43,11 @@ def _build() -> type:
     response.name = "GetFlowsResponseView"
     next(f for f in response.field if f.name == "flow").type_name = f".{PACKAGE}.FlowView"
     pool = descriptor_pool.Default()
-    pool.Add(view)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.GetFlowsResponseView"))
+    pool.AddSerializedFile(view.SerializeToString())
+    descriptor = pool.FindMessageTypeByName(f"{PACKAGE}.GetFlowsResponseView")
+    if hasattr(message_factory, "GetMessageClass"):
+        return message_factory.GetMessageClass(descriptor)
+    return message_factory.MessageFactory(pool).GetPrototype(descriptor)  # protobuf < 4.22 (Debian 12)
 
 
 GetFlowsResponseView = _build()

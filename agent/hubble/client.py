@@ -73,7 +73,7 @@ FIELD_MASK = (
 # first wait on (a nap's pile would inflate it). Only a reader that was idle (neither running nor
 # waiting for a CPU) for IDLE_SHARE of a probe naps at all: one that was busy, or starved on a
 # loaded host, is about as fast as its stream whatever the rate, and a nap would only put it behind.
-# At 5,000 flows/s naps of 50 ms cost the reader 8% less CPU than naps of 20 ms (bench/RESULTS.md).
+# At 5,000 flows/s naps of 50 ms cost the agent 4 to 8% less CPU than naps of 20 ms (bench/RESULTS.md).
 #
 # It cannot be measured while napping, nor can a wait be told from a read by its duration alone:
 # gRPC reads the socket a chunk at a time, and reading a chunk of what piled up can take

@@ -95,12 +95,12 @@ def read_all(stream: Stream, seconds: float = 2.0, window: float = float("inf"))
 def test_a_slow_stream_is_read_in_naps(rate: float) -> None:
     stream = Stream(rate)
     naps = read_all(stream)
-    assert len(naps) >= 0.5 * 2.0 / NAP and set(naps) == {NAP}  # a nap of every 2 NAP and more
+    assert len(naps) >= 0.6 * 2.0 / NAP and set(naps) == {NAP}  # 60% of the naps 2 s could hold
     assert stream.lag(int(rate * 2.0)) <= NAP + 0.003
 
 
 def test_no_nap_outgrows_half_the_window() -> None:
-    """1,000 flows of 230 bytes a second pile up 11.5 KB in a nap: too much for an 16 KiB window
+    """1,000 flows of 230 bytes a second pile up 11.5 KB in a nap: too much for a 16 KiB window
     (flow_buffer_size 64), where the relay would wait for the reader; fine in 32 KiB."""
     assert read_all(Stream(1000), window=16 * 1024) == []
     assert read_all(Stream(1000), window=32 * 1024)
